@@ -1,0 +1,226 @@
+"""`jsonl` source and sink: one JSON object per line.
+
+The source reads files matching globs, in path order, and keeps a byte offset per file
+as its source offset, so a restart continues at the next unread line. The sink writes one
+file per topic-partition and keeps, beside each, the offset and size it had reached at its
+last flush: on open it cuts anything written after that flush and resumes from there, so
+its output holds every record exactly once even after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from runner.batch import Batch
+from runner.connector import (
+    Config,
+    FatalError,
+    RecordError,
+    Sink,
+    SinkTask,
+    Source,
+    SourceTask,
+    TopicPartition,
+    setting,
+)
+
+_json_decode = json.JSONDecoder().decode
+
+
+class JsonlSource(Source):
+    name = "jsonl"
+    description = "Reads JSON objects, one per line, from files matching globs."
+
+    class Config(Config):
+        paths: list[str] = setting(help="Glob patterns of the files to read (** allowed).")
+        batch_size: int = setting(5000, help="Lines read per batch.")
+        follow: bool = setting(
+            False,
+            help="Keep watching the files for appended lines and new files "
+            "(otherwise the source ends when every file is read).",
+        )
+
+    def tasks(self) -> list[SourceTask]:
+        return [JsonlSourceTask(self.config, self.context.resolve)]
+
+
+class JsonlSourceTask(SourceTask):
+    def __init__(self, config: Any, resolve: Any) -> None:
+        self.config = config
+        self.patterns = [str(resolve(p)) for p in config.paths]
+        self.offsets: dict[str, dict[str, int]] = {}  # path -> {"pos": bytes, "line": n}
+        self.files: list[str] = []
+        self.current: Any = None  # open binary file
+        self.current_path: str | None = None
+
+    async def open(self, offsets: dict[str, Any]) -> None:
+        self.offsets = {path: dict(o) for path, o in offsets.items()}
+        self._scan()
+        if not self.files and not self.config.follow:
+            raise FatalError(
+                f"no file matches {', '.join(self.config.paths)}",
+                hint="paths are globs relative to the spec's directory",
+            )
+
+    def _scan(self) -> None:
+        found = set()
+        for pattern in self.patterns:
+            found.update(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        self.files = sorted(found)
+
+    def _next_file(self) -> bool:
+        """Open the first file with unread bytes; False if none."""
+        for path in self.files:
+            pos = self.offsets.get(path, {}).get("pos", 0)
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                continue
+            if size > pos:
+                if self.current is not None:
+                    self.current.close()
+                self.current = open(path, "rb")
+                self.current.seek(pos)
+                self.current_path = path
+                return True
+        return False
+
+    async def poll(self) -> Batch | None:
+        if self.current is None and not self._next_file():
+            if not self.config.follow:
+                return None
+            await asyncio.sleep(0.5)
+            self._scan()
+            return Batch([])
+        return await asyncio.to_thread(self._read_batch)
+
+    def _read_batch(self) -> Batch:
+        path = self.current_path
+        assert path is not None
+        state = self.offsets.setdefault(path, {"pos": 0, "line": 0})
+        pos, line_no = state["pos"], state["line"]
+        lines = list(itertools.islice(self.current, self.config.batch_size))
+        if lines and not lines[-1].endswith(b"\n") and self.config.follow:
+            lines.pop()  # a line still being written: take it when it is complete
+            self.current.seek(pos + sum(map(len, lines)))
+        if len(lines) < self.config.batch_size:
+            self.current.close()  # at the end for now; reopened when it grows
+            self.current = None
+        rows: list[dict[str, Any]] = []
+        positions: list[str] = []
+        errors: list[RecordError] = []
+        for raw in lines:
+            line_no += 1
+            pos += len(raw)
+            text = raw.strip()
+            if not text:
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                value = _json_decode(text.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                errors.append(_bad_line(raw, where, f"invalid JSON: {exc}"))
+                continue
+            if not isinstance(value, dict):
+                errors.append(_bad_line(raw, where, f"expected a JSON object, got {type(value).__name__}"))
+                continue
+            rows.append(value)
+            positions.append(where)
+        state["pos"], state["line"] = pos, line_no
+        return Batch(
+            rows,
+            source_offsets={path: dict(state)},
+            errors=errors,
+            positions=positions,
+        )
+
+    async def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+def _bad_line(raw: bytes, where: str, error: str) -> RecordError:
+    return RecordError(
+        error=error,
+        stage="source",
+        record=raw.decode("utf-8", "replace").rstrip("\n"),
+        position=where,
+    )
+
+
+class JsonlSink(Sink):
+    name = "jsonl"
+    description = "Writes each topic-partition to a JSON-lines file, exactly once."
+
+    class Config(Config):
+        path: str = setting(help="Directory for the output files (<topic>-<partition>.jsonl).")
+
+    def task(self) -> SinkTask:
+        return JsonlSinkTask(self.context.resolve(self.config.path))
+
+
+class JsonlSinkTask(SinkTask):
+    """Appends to `<topic>-<partition>.jsonl`; `<...>.jsonl.offset` holds the committed
+    state {"next_offset", "size"}, replaced atomically after each fsync of the data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files: dict[TopicPartition, Any] = {}
+        self.next_offsets: dict[TopicPartition, int] = {}
+        self.dirty: set[TopicPartition] = set()
+
+    def _paths(self, tp: TopicPartition) -> tuple[Path, Path]:
+        data = self.directory / f"{tp.topic}-{tp.partition}.jsonl"
+        return data, data.with_name(data.name + ".offset")
+
+    async def open(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        resume: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            data, marker = self._paths(tp)
+            state = {"next_offset": 0, "size": 0}
+            if marker.exists():
+                state = json.loads(marker.read_text())
+            f = open(data, "ab")
+            # Anything past the last committed size was written after the last flush and
+            # will be delivered again from next_offset: cut it so nothing appears twice.
+            f.truncate(state["size"])
+            f.seek(state["size"])
+            self.files[tp] = f
+            self.next_offsets[tp] = resume[tp] = state["next_offset"]
+        return resume
+
+    async def put(self, batch: Batch) -> None:
+        tp = TopicPartition(batch.topic, batch.partition)
+        lines = batch.json_lines()
+        self.files[tp].write(("\n".join(lines) + "\n").encode("utf-8"))
+        self.next_offsets[tp] = batch.last_offset + 1
+        self.dirty.add(tp)
+
+    async def flush(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        await asyncio.to_thread(self._sync, dirty)
+
+    def _sync(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            f = self.files[tp]
+            f.flush()
+            os.fsync(f.fileno())
+            _, marker = self._paths(tp)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(json.dumps({"next_offset": self.next_offsets[tp], "size": f.tell()}))
+            with open(tmp, "rb+") as t:
+                os.fsync(t.fileno())
+            os.replace(tmp, marker)
+
+    async def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()

@@ -1,0 +1,126 @@
+"""Read-side operations behind `pipeline topics`, `pipeline consume` and `pipeline schemas`.
+They open the broker read-only, so they work while `pipeline run` is writing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from runner.batch import json_default
+from runner.broker.base import TopicPartition
+from runner.engine import open_broker, open_registry, run_async
+from runner.errors import FatalError
+from runner.schema.serde import AvroDecoder
+from runner.spec import Spec
+
+
+@dataclass
+class TopicDescription:
+    name: str
+    partitions: int
+    end_offsets: list[int]
+    groups: dict[str, dict[int, int]]  # group -> partition -> lag
+
+    @property
+    def records(self) -> int:
+        return sum(self.end_offsets)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "partitions": self.partitions,
+            "end_offsets": self.end_offsets,
+            "records": self.records,
+            "groups": {g: {"lag": sum(l.values()), "partitions": l} for g, l in self.groups.items()},
+        }
+
+
+def describe_topics(spec: Spec, only: str | None = None) -> list[TopicDescription]:
+    async def main() -> list[TopicDescription]:
+        broker = open_broker(spec, read_only=True)
+        await broker.start()
+        try:
+            infos = await broker.topics()
+            if only is not None:
+                infos = [t for t in infos if t.name == only]
+                if not infos:
+                    raise FatalError(f"no topic {only!r} in {spec.state_dir}", hint="see `pipeline topics list`")
+            out = []
+            for info in infos:
+                ends = await broker.end_offsets(info.name)
+                groups = {}
+                for group in await broker.groups(info.name):
+                    committed = await broker.committed(group, info.name)
+                    groups[group] = {p: end - committed.get(p, 0) for p, end in enumerate(ends)}
+                out.append(TopicDescription(info.name, info.partitions, ends, groups))
+            return out
+        finally:
+            await broker.close()
+
+    return run_async(main)
+
+
+def consume(
+    spec: Spec,
+    topic: str,
+    emit: Callable[[str], None],
+    *,
+    from_beginning: bool = False,
+    max_records: int | None = None,
+    follow: bool = False,
+    meta: bool = False,
+) -> int:
+    """Print a topic's records as JSON lines (decoded from Avro); returns how many."""
+
+    async def main() -> int:
+        broker = open_broker(spec, read_only=True)
+        await broker.start()
+        registry = open_registry(spec)
+        try:
+            names = {t.name for t in await broker.topics()}
+            if topic not in names:
+                raise FatalError(
+                    f"no topic {topic!r} in {spec.state_dir}",
+                    hint=f"topics: {', '.join(sorted(names)) or 'none'}",
+                )
+            decoder = AvroDecoder(registry.schema_by_id)
+            consumer = await broker.consumer("pipeline-console", [topic])
+            ends = await broker.end_offsets(topic)
+            for tp in await consumer.assignment():
+                await consumer.seek(tp, 0 if from_beginning else ends[tp.partition])
+            dumps = json.JSONEncoder(default=json_default, ensure_ascii=False).encode
+            count = 0
+            while max_records is None or count < max_records:
+                want = 1000 if max_records is None else min(1000, max_records - count)
+                fetched = await consumer.fetch(want, 0.5 if follow else 0.05)
+                if not fetched:
+                    if follow:
+                        continue
+                    if all([await consumer.position(TopicPartition(topic, p)) >= e for p, e in enumerate(ends)]):
+                        break
+                    continue
+                for fb in fetched:
+                    rows, failures = decoder.decode(fb.values)
+                    bad = {f.index: f.error for f in failures}
+                    for i, row in enumerate(rows):
+                        value = row if i not in bad else {"error": bad[i]}
+                        if meta:
+                            key = fb.keys[i]
+                            value = {
+                                "partition": fb.partition,
+                                "offset": fb.offsets[i],
+                                "timestamp": fb.timestamps[i],
+                                "key": key.decode("utf-8", "replace") if key is not None else None,
+                                "value": value,
+                            }
+                        emit(dumps(value))
+                        count += 1
+            await consumer.close()
+            return count
+        finally:
+            registry.close()
+            await broker.close()
+
+    return run_async(main)

@@ -1,0 +1,126 @@
+"""The broker interface: what the worker needs from a log of topics.
+
+Two implementations stand behind it: `embedded` (SQLite in the state directory, the
+default) and `kafka` (aiokafka). Everything is batch-shaped: one call produces many
+records, one fetch returns many.
+
+Partitioning is Kafka's default (murmur2 of the key bytes, see `runner.broker.partitioner`)
+in both, so a pipeline moved from embedded to Kafka keeps each key in its partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, order=True)
+class TopicPartition:
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+@dataclass
+class ProduceBatch:
+    """Records for one topic-partition, in order. Parallel lists, one entry per record."""
+
+    topic: str
+    partition: int
+    keys: list[bytes | None]
+    values: list[bytes]
+    timestamps: list[int]  # epoch milliseconds
+    headers: list[dict[str, bytes]] | None = None
+
+
+@dataclass
+class SourceOffsetCommit:
+    """Source offsets to store atomically with (embedded) or after (kafka) a produce."""
+
+    connector: str  # the source's name in the spec
+    offsets: dict[str, Any]  # source partition -> JSON-serialisable offset
+
+
+@dataclass
+class FetchedBatch:
+    """Records read from one topic-partition, in offset order. Parallel lists."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes]
+    timestamps: list[int]
+    headers: list[dict[str, bytes]] | None = None
+
+    @property
+    def next_offset(self) -> int:
+        return self.offsets[-1] + 1
+
+
+@dataclass
+class TopicInfo:
+    name: str
+    partitions: int
+    end_offsets: list[int] = field(default_factory=list)  # per partition, next offset
+
+
+class Consumer(Protocol):
+    """A consumer-group member reading a set of topics.
+
+    Positions start at the group's committed offset, or 0 (earliest) if none, unless
+    `seek` moves them. `commit` stores the *next* offset to read, as Kafka does.
+    """
+
+    async def assignment(self) -> list[TopicPartition]: ...
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        """Up to `max_records` records from the current positions, grouped per partition;
+        waits up to `timeout` seconds when nothing is available, then returns []."""
+        ...
+
+    async def position(self, tp: TopicPartition) -> int: ...
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ensure_topic(self, name: str, partitions: int) -> None:
+        """Create the topic if missing. An existing topic with a different partition
+        count raises FatalError."""
+        ...
+
+    async def produce(
+        self,
+        batches: list[ProduceBatch],
+        source_offsets: SourceOffsetCommit | None = None,
+    ) -> None:
+        """Append the batches; on return they are durable (acknowledged). With the
+        embedded broker the records and the source offsets commit in one transaction."""
+        ...
+
+    async def source_offsets(self, connector: str) -> dict[str, Any]:
+        """The stored source offsets of a source connector (partition -> offset)."""
+        ...
+
+    async def consumer(self, group: str, topics: list[str]) -> Consumer: ...
+
+    async def topics(self) -> list[TopicInfo]: ...
+
+    async def end_offsets(self, topic: str) -> list[int]: ...
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]: ...
+
+    async def groups(self, topic: str) -> list[str]:
+        """Groups that have committed offsets for the topic."""
+        ...

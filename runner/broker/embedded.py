@@ -1,0 +1,685 @@
+"""The embedded broker: durable topics in SQLite in the state directory.
+
+One `pipeline run` process writes a state directory (it holds an exclusive `flock` on
+`run.lock`, which names its pid); any number of read-only brokers (`pipeline consume`,
+`pipeline topics`) may read it at the same time, from other processes.
+
+Storage (`state_dir/broker.db`, WAL mode, synchronous=FULL, page size 16 KiB):
+
+- `topics(id INTEGER PRIMARY KEY, name TEXT UNIQUE, partitions INT, created INT)` —
+  `created` in epoch milliseconds.
+- `records_<topic id>_<partition>(offset INTEGER PRIMARY KEY, key BLOB, value BLOB,
+  timestamp INT, headers TEXT)` — one table per topic-partition, append-only, offsets
+  0, 1, 2, ... The offset is the rowid, so a fetch is a range scan of the table's own
+  b-tree and an append goes to its right edge; no secondary index to maintain.
+  (Measured against one shared `WITHOUT ROWID` table keyed by (topic, partition, offset):
+  1.3x faster produce for 200-byte values and 5x for 1 KiB values, where a WITHOUT
+  ROWID b-tree degrades because its interior pages hold whole rows.) Table names use the
+  topic's id, so any topic name is safe; `SELECT id FROM topics WHERE name = ?` finds it.
+- `headers` is NULL for a record without headers, else a JSON object mapping each header
+  name to its value bytes decoded as Latin-1 (a lossless byte <-> code point mapping;
+  JSON escapes non-ASCII as \\u00XX), or null for a null value. Readable with the
+  `sqlite3` shell when values are text; encoded and decoded by the C `json` module.
+- `source_offsets(connector, partition TEXT, offset TEXT)`: JSON-encoded offsets.
+- `group_offsets(group_id, topic, partition, next_offset)`: consumer group commits.
+- `PRAGMA user_version` is the schema version.
+
+Exactly-once source -> topic: `produce` writes all its records and the source offsets in
+one transaction. Durability: once a transaction commits, its WAL frames are fsynced
+(synchronous=FULL), so a kill -9 (or power loss) after `produce` returns loses nothing.
+
+All SQLite calls run in worker threads (`asyncio.to_thread`). Writes go through one
+connection, serialised by an asyncio.Lock (and a thread lock, so that a cancelled caller
+whose thread is still running cannot overlap the next write). Each consumer reads through
+its own connection. Consumers wake as soon as an in-process produce to one of their topics
+commits, and poll every 100 ms otherwise (records written by another process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from itertools import repeat
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from runner.broker.base import (
+    FetchedBatch,
+    ProduceBatch,
+    SourceOffsetCommit,
+    TopicInfo,
+    TopicPartition,
+)
+from runner.errors import FatalError, PipelineError, RetryableError
+
+__all__ = ["EmbeddedBroker", "EmbeddedConsumer"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "broker.db"
+LOCK_NAME = "run.lock"
+POLL_INTERVAL = 0.1  # seconds between database polls of a waiting fetch
+BUSY_TIMEOUT = 10.0  # seconds SQLite waits on a lock held by another connection
+_PAGE_SIZE = 16384
+_STATEMENT_CACHE = 1024  # two statements per partition table, plus a few
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS topics (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    partitions INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS source_offsets (
+    connector TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    offset TEXT NOT NULL,
+    PRIMARY KEY (connector, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_offsets (
+    group_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+) WITHOUT ROWID;
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+_UPSERT_SOURCE = (
+    "INSERT INTO source_offsets (connector, partition, offset) VALUES (?, ?, ?) "
+    "ON CONFLICT (connector, partition) DO UPDATE SET offset = excluded.offset"
+)
+_UPSERT_GROUP = (
+    "INSERT INTO group_offsets (group_id, topic, partition, next_offset) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
+)
+
+T = TypeVar("T")
+
+
+def _table(topic_id: int, partition: int) -> str:
+    return f"records_{topic_id}_{partition}"
+
+
+# Header values are bytes; a None value (Kafka allows null headers) is kept as JSON null.
+def _encode_headers(headers: dict[str, Any] | None) -> str | None:
+    if not headers:
+        return None
+    return json.dumps({k: None if v is None else v.decode("latin-1") for k, v in headers.items()})
+
+
+def _decode_headers(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    return {k: None if v is None else v.encode("latin-1") for k, v in json.loads(text).items()}
+
+
+def _db_error(exc: sqlite3.Error, doing: str) -> PipelineError:
+    """Busy, full or I/O-failing databases are retried; anything else stops the run."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR")):
+        return RetryableError(f"{doing}: {exc}")
+    return FatalError(f"{doing}: {exc} ({name or type(exc).__name__})")
+
+
+class _Topic:
+    __slots__ = ("id", "name", "partitions", "tables")
+
+    def __init__(self, id: int, name: str, partitions: int) -> None:
+        self.id = id
+        self.name = name
+        self.partitions = partitions
+        self.tables = [_table(id, p) for p in range(partitions)]
+
+
+class _Conn:
+    """A connection plus the thread lock that serialises its use."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self.lock:
+            return fn(self.conn)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+class EmbeddedBroker:
+    """The `Broker` on SQLite. See the module docstring."""
+
+    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+        self.state_dir = Path(state_dir)
+        self.read_only = read_only
+        self.db_path = self.state_dir / DB_NAME
+        self._lock_fd: int | None = None
+        self._writer: _Conn | None = None
+        self._reader: _Conn | None = None
+        self._write_lock = asyncio.Lock()
+        self._topics: dict[str, _Topic] = {}
+        # Next offset per (topic, partition). Authoritative in the writer: it is the only
+        # process writing this state directory (run.lock), and it updates this only
+        # after a commit. Read-only brokers ask the database instead.
+        self._next: dict[tuple[str, int], int] = {}
+        self._consumers: set[EmbeddedConsumer] = set()
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self.read_only:
+            if not self.db_path.exists():
+                raise self._no_topics_yet()
+            self._reader = reader = _Conn(await asyncio.to_thread(self._connect))
+            try:
+                version = await self._read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+                if version == 0:  # the writer has not created the schema yet
+                    raise self._no_topics_yet()
+                self._check_version(version)
+            except BaseException:
+                self._reader = None
+                await asyncio.to_thread(reader.close)
+                raise
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
+            try:
+                self._writer = _Conn(await asyncio.to_thread(self._open_writer))
+                self._reader = _Conn(await asyncio.to_thread(self._connect))
+            except BaseException:
+                self._release_lock()
+                raise
+        self._started = True
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.close()
+        async with self._write_lock:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    await asyncio.to_thread(conn.close)
+            self._writer = self._reader = None
+            self._release_lock()
+            self._started = False
+
+    def _no_topics_yet(self) -> FatalError:
+        return FatalError(
+            f"state directory {self.state_dir} has no topics yet",
+            hint="start `pipeline run` on the spec first (or check `state_dir`)",
+        )
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise FatalError(
+                f"{self.db_path} was written by a newer version of pipeline "
+                f"(schema {version}, this version reads {SCHEMA_VERSION})",
+                hint="upgrade pipeline, or use another state directory",
+            )
+
+    def _acquire_lock(self) -> None:
+        path = self.state_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FatalError(
+                f"state directory {self.state_dir} is in use by another `pipeline run` (pid {pid})",
+                hint="stop that run first, or give this one another `state_dir`",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _connect(self, *, write: bool = False) -> sqlite3.Connection:
+        """A connection in autocommit mode (transactions are explicit BEGIN/COMMIT).
+
+        A read-only broker opens the file with `mode=ro`; the writer's read connections
+        are `query_only`, so nothing but the writer connection can change the database.
+        """
+        try:
+            if self.read_only:
+                uri = f"file:{quote(str(self.db_path.absolute()))}?mode=ro"
+                conn = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False,
+                    timeout=BUSY_TIMEOUT, cached_statements=_STATEMENT_CACHE,
+                )
+            else:
+                conn = sqlite3.connect(
+                    self.db_path, isolation_level=None, check_same_thread=False,
+                    timeout=BUSY_TIMEOUT, cached_statements=_STATEMENT_CACHE,
+                )
+                conn.execute("PRAGMA synchronous = FULL" if write else "PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            raise _db_error(exc, f"cannot open {self.db_path}") from exc
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect(write=True)
+        try:
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only takes on a new file
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise FatalError(f"cannot put {self.db_path} in WAL mode")
+            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
+            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+            for id_, name, partitions in conn.execute("SELECT id, name, partitions FROM topics"):
+                topic = _Topic(id_, name, partitions)
+                self._topics[name] = topic
+                for p, table in enumerate(topic.tables):
+                    last = conn.execute(f"SELECT max(offset) FROM {table}").fetchone()[0]
+                    self._next[(name, p)] = 0 if last is None else last + 1
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _db_error(exc, f"cannot open {self.db_path}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise FatalError("embedded broker used before start() or after close()")
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], doing: str = "read") -> T:
+        reader = self._reader
+        if reader is None:
+            raise FatalError("embedded broker used before start() or after close()")
+        try:
+            return await asyncio.to_thread(reader.run, fn)
+        except sqlite3.Error as exc:
+            raise _db_error(exc, f"{doing} in {self.db_path}") from exc
+
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        doing: str,
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run `fn` in one IMMEDIATE transaction on the writer connection, then
+        `after_commit(result)` in the same thread (so that a caller cancelled while the
+        thread runs cannot skip it: in-memory state never lags behind the database)."""
+        if self.read_only:
+            raise FatalError(f"cannot {doing}: the broker is open read-only")
+        self._check_started()
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if after_commit is not None:
+                after_commit(result)
+            return result
+
+        async with self._write_lock:
+            writer = self._writer
+            if writer is None:
+                raise FatalError("embedded broker used after close()")
+            try:
+                return await asyncio.to_thread(writer.run, transaction)
+            except sqlite3.Error as exc:
+                raise _db_error(exc, f"{doing} in {self.db_path}") from exc
+
+    async def _topic(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None and self.read_only:  # another process may have created it
+            await self._load_topics()
+            topic = self._topics.get(name)
+        if topic is None:
+            known = ", ".join(sorted(self._topics)) or "none"
+            raise FatalError(
+                f"topic {name!r} does not exist in {self.state_dir}",
+                hint=f"declare it under `topics:` in the spec (topics: {known})",
+            )
+        return topic
+
+    async def _load_topics(self) -> None:
+        rows = await self._read(lambda c: c.execute("SELECT id, name, partitions FROM topics").fetchall())
+        self._topics = {name: _Topic(id_, name, n) for id_, name, n in rows}
+
+    # -- topics --------------------------------------------------------------------
+
+    async def ensure_topic(self, name: str, partitions: int) -> None:
+        if not name or partitions < 1:
+            raise FatalError(f"invalid topic {name!r} with {partitions} partitions")
+        if self.read_only:
+            await self._load_topics()
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = await self._write(
+                lambda c: self._create_topic(c, name, partitions),
+                f"create topic {name!r}",
+                after_commit=self._register,
+            )
+        if topic.partitions != partitions:
+            raise FatalError(
+                f"topic {name!r} has {topic.partitions} partitions in {self.state_dir}, "
+                f"but {partitions} were asked for",
+                hint="the partition count of a topic cannot change (keys would move to other "
+                "partitions); use a new topic name or a new state directory",
+            )
+
+    def _register(self, topic: _Topic) -> None:
+        if topic.name not in self._topics:
+            self._topics[topic.name] = topic
+            for p in range(topic.partitions):
+                self._next[(topic.name, p)] = 0
+
+    @staticmethod
+    def _create_topic(conn: sqlite3.Connection, name: str, partitions: int) -> _Topic:
+        row = conn.execute("SELECT id, partitions FROM topics WHERE name = ?", (name,)).fetchone()
+        if row is not None:  # created by a concurrent ensure_topic
+            return _Topic(row[0], name, row[1])
+        cur = conn.execute(
+            "INSERT INTO topics (name, partitions, created) VALUES (?, ?, ?)",
+            (name, partitions, int(time.time() * 1000)),
+        )
+        topic = _Topic(cur.lastrowid or 0, name, partitions)
+        for table in topic.tables:
+            conn.execute(
+                f"CREATE TABLE {table} (offset INTEGER PRIMARY KEY, key BLOB, "
+                "value BLOB NOT NULL, timestamp INTEGER NOT NULL, headers TEXT)"
+            )
+        return topic
+
+    async def topics(self) -> list[TopicInfo]:
+        if self.read_only:
+            await self._load_topics()
+        return [
+            TopicInfo(name, t.partitions, await self.end_offsets(name))
+            for name, t in sorted(self._topics.items())
+        ]
+
+    async def end_offsets(self, topic: str) -> list[int]:
+        t = await self._topic(topic)
+        if not self.read_only:
+            return [self._next[(topic, p)] for p in range(t.partitions)]
+
+        def ends(conn: sqlite3.Connection) -> list[int]:
+            out = []
+            for table in t.tables:
+                last = conn.execute(f"SELECT max(offset) FROM {table}").fetchone()[0]
+                out.append(0 if last is None else last + 1)
+            return out
+
+        return await self._read(ends, f"end offsets of {topic!r}")
+
+    # -- produce -------------------------------------------------------------------
+
+    async def produce(
+        self,
+        batches: list[ProduceBatch],
+        source_offsets: SourceOffsetCommit | None = None,
+    ) -> None:
+        if self.read_only:
+            raise FatalError("cannot produce: the broker is open read-only")
+        # Check everything before the transaction: a bad call stores nothing at all.
+        plan: list[tuple[tuple[str, int], str, ProduceBatch]] = []
+        for b in batches:
+            topic = await self._topic(b.topic)
+            if not 0 <= b.partition < topic.partitions:
+                raise FatalError(
+                    f"partition {b.partition} out of range for topic {b.topic!r} "
+                    f"({topic.partitions} partitions)"
+                )
+            n = len(b.values)
+            if len(b.keys) != n or len(b.timestamps) != n or (b.headers is not None and len(b.headers) != n):
+                raise ValueError(f"ProduceBatch for {b.topic}[{b.partition}]: lists differ in length")
+            if n:
+                plan.append(((b.topic, b.partition), topic.tables[b.partition], b))
+        offset_rows: list[tuple[str, str, str]] = []
+        if source_offsets is not None:
+            try:
+                offset_rows = [
+                    (source_offsets.connector, str(part), json.dumps(off, sort_keys=True, separators=(",", ":")))
+                    for part, off in source_offsets.offsets.items()
+                ]
+            except (TypeError, ValueError) as exc:
+                raise FatalError(f"source {source_offsets.connector!r}: offset is not JSON-serialisable: {exc}") from exc
+        if not plan and not offset_rows:
+            return
+        next_offsets = self._next
+
+        def append(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
+            ends: dict[tuple[str, int], int] = {}
+            for tp, table, b in plan:
+                start = ends.get(tp, next_offsets[tp])
+                n = len(b.values)
+                headers: Iterable[str | None] = (
+                    repeat(None, n) if b.headers is None else map(_encode_headers, b.headers)
+                )
+                conn.executemany(
+                    f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
+                    zip(range(start, start + n), b.keys, b.values, b.timestamps, headers),
+                )
+                ends[tp] = start + n
+            if offset_rows:
+                conn.executemany(_UPSERT_SOURCE, offset_rows)
+            return ends
+
+        await self._write(append, "produce", after_commit=next_offsets.update)
+        if plan:
+            produced = {tp[0] for tp, _, _ in plan}
+            for consumer in self._consumers:
+                consumer._notify(produced)
+
+    async def source_offsets(self, connector: str) -> dict[str, Any]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT partition, offset FROM source_offsets WHERE connector = ?", (connector,)
+            ).fetchall(),
+            f"source offsets of {connector!r}",
+        )
+        return {part: json.loads(off) for part, off in rows}
+
+    # -- consumer groups -----------------------------------------------------------
+
+    async def consumer(self, group: str, topics: list[str]) -> EmbeddedConsumer:
+        self._check_started()
+        resolved = [await self._topic(name) for name in dict.fromkeys(topics)]
+        positions: dict[TopicPartition, int] = {}
+        for t in resolved:
+            committed = await self.committed(group, t.name)
+            for p in range(t.partitions):
+                positions[TopicPartition(t.name, p)] = committed.get(p, 0)
+        conn = _Conn(await asyncio.to_thread(self._connect))
+        consumer = EmbeddedConsumer(self, group, resolved, positions, conn)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT partition, next_offset FROM group_offsets WHERE group_id = ? AND topic = ?",
+                (group, topic),
+            ).fetchall(),
+            f"committed offsets of group {group!r}",
+        )
+        return dict(rows)
+
+    async def groups(self, topic: str) -> list[str]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT DISTINCT group_id FROM group_offsets WHERE topic = ? ORDER BY group_id",
+                (topic,),
+            ).fetchall(),
+            f"groups of {topic!r}",
+        )
+        return [g for (g,) in rows]
+
+    async def _commit_group(self, group: str, offsets: dict[TopicPartition, int]) -> None:
+        rows = [(group, tp.topic, tp.partition, int(off)) for tp, off in offsets.items()]
+        if rows:
+            await self._write(lambda c: c.executemany(_UPSERT_GROUP, rows), f"commit offsets of group {group!r}")
+
+
+class EmbeddedConsumer:
+    """A consumer-group member assigned every partition of its topics (one process, so
+    no rebalancing). Used by one coroutine at a time."""
+
+    def __init__(
+        self,
+        broker: EmbeddedBroker,
+        group: str,
+        topics: list[_Topic],
+        positions: dict[TopicPartition, int],
+        conn: _Conn,
+    ) -> None:
+        self._broker = broker
+        self._group = group
+        self._topic_names = {t.name for t in topics}
+        self._tables = {
+            TopicPartition(t.name, p): table for t in topics for p, table in enumerate(t.tables)
+        }
+        self._positions = positions
+        self._order = sorted(positions)
+        self._start = 0  # round-robin start partition of the next fetch
+        self._conn: _Conn | None = conn
+        self._wakeup = asyncio.Event()
+
+    def _notify(self, topics: set[str]) -> None:
+        if not self._topic_names.isdisjoint(topics):
+            self._wakeup.set()
+
+    def _check(self, tp: TopicPartition) -> None:
+        if tp not in self._positions:
+            raise FatalError(f"{tp} is not assigned to this consumer of group {self._group!r}")
+
+    async def assignment(self) -> list[TopicPartition]:
+        return list(self._order)
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._check(tp)
+        if offset < 0:
+            raise FatalError(f"cannot seek {tp} to negative offset {offset}")
+        self._positions[tp] = offset
+
+    async def position(self, tp: TopicPartition) -> int:
+        self._check(tp)
+        return self._positions[tp]
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self._broker.read_only:
+            raise FatalError(
+                f"cannot commit offsets of group {self._group!r}: the broker is open read-only"
+            )
+        await self._broker._commit_group(self._group, offsets)
+
+    async def close(self) -> None:
+        self._broker._consumers.discard(self)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
+
+    async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # Clear before reading: a produce committed after this point sets it again.
+            self._wakeup.clear()
+            batches = await self._fetch_once(max_records)
+            remaining = deadline - loop.time()
+            if batches or remaining <= 0 or self._conn is None:
+                return batches
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), min(POLL_INTERVAL, remaining))
+            except TimeoutError:
+                pass
+
+    async def _fetch_once(self, max_records: int) -> list[FetchedBatch]:
+        conn = self._conn
+        if conn is None or max_records <= 0 or not self._order:
+            return []
+        n = len(self._order)
+        order = self._order[self._start :] + self._order[: self._start]
+        self._start = (self._start + 1) % n
+        plan = [(tp, self._tables[tp], self._positions[tp]) for tp in order]
+        if not self._broker.read_only:
+            # In the writer the cached end offsets are exact: skip empty partitions
+            # without touching the database.
+            ends = self._broker._next
+            plan = [x for x in plan if x[2] < ends[(x[0].topic, x[0].partition)]]
+            if not plan:
+                return []
+        try:
+            batches = await asyncio.to_thread(conn.run, lambda c: _read_partitions(c, plan, max_records))
+        except sqlite3.Error as exc:
+            raise _db_error(exc, f"fetch from {self._broker.db_path}") from exc
+        for b in batches:
+            self._positions[TopicPartition(b.topic, b.partition)] = b.next_offset
+        return batches
+
+
+def _read_partitions(
+    conn: sqlite3.Connection, plan: list[tuple[TopicPartition, str, int]], max_records: int
+) -> list[FetchedBatch]:
+    """Read up to `max_records` records from the partitions in `plan`, fairly.
+
+    First pass: each partition gets an equal share, so one busy partition cannot starve
+    the others. Second pass: budget left over (from partitions with fewer records) goes
+    to partitions that filled their share, in the (rotating) plan order.
+    """
+    share = max(1, max_records // len(plan))
+    budget = max_records
+    rows_of: dict[TopicPartition, list[tuple[Any, ...]]] = {}
+    full: list[tuple[TopicPartition, str]] = []
+    sql = "SELECT offset, key, value, timestamp, headers FROM {} WHERE offset >= ? ORDER BY offset LIMIT ?"
+    for tp, table, pos in plan:
+        if budget <= 0:
+            break
+        want = min(share, budget)
+        rows = conn.execute(sql.format(table), (pos, want)).fetchall()
+        if rows:
+            rows_of[tp] = rows
+            budget -= len(rows)
+            if len(rows) == want:
+                full.append((tp, table))
+    for tp, table in full:
+        if budget <= 0:
+            break
+        rows = rows_of[tp]
+        more = conn.execute(sql.format(table), (rows[-1][0] + 1, budget)).fetchall()
+        rows.extend(more)
+        budget -= len(more)
+    out = []
+    for tp, rows in rows_of.items():
+        offsets, keys, values, timestamps, headers = zip(*rows)
+        out.append(
+            FetchedBatch(
+                tp.topic,
+                tp.partition,
+                list(offsets),
+                list(keys),
+                list(values),
+                list(timestamps),
+                [_decode_headers(h) for h in headers] if any(h is not None for h in headers) else None,
+            )
+        )
+    return out

@@ -1,0 +1,365 @@
+"""The `pipeline` command. Thin: parse, call the engine, print. User errors become one line
+with a hint (exit 2 for a bad spec or usage, 1 for a failed run); `--debug` shows the
+traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runner import __version__, admin, engine
+from runner.errors import PipelineError, SpecError
+from runner.plugins import PluginHost, UnknownConnector, load_plugins
+from runner.spec import Spec
+from runner.worker import Counters
+
+SPEC_OPTION_HELP = "The pipeline spec (default: $PIPELINE_SPEC, else ./pipeline.yaml)."
+
+
+class PipelineGroup(click.Group):
+    """Turns engine errors into one-line messages, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            debug = (ctx.obj or {}).get("debug", False)
+            if debug:
+                traceback.print_exc()
+            if isinstance(exc, SpecError):
+                click.echo(str(exc), err=True)
+                click.echo(f"error: {exc.args[0]}", err=True)
+                ctx.exit(2)
+            click.echo(f"error: {exc}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            if not debug:
+                click.echo("(run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=PipelineGroup)
+@click.version_option(__version__, prog_name="pipeline")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Run pipelines of source and sink connectors through schema-checked topics.
+
+    \b
+    Example:
+      pipeline validate pipelines/jsonl-roundtrip.yaml
+      pipeline run pipelines/jsonl-roundtrip.yaml --once
+    """
+    ctx.obj = {"debug": debug}
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
+
+
+def _host() -> PluginHost:
+    return load_plugins()
+
+
+def _spec(path: str | None) -> Spec:
+    if path is None:
+        path = "pipeline.yaml"
+        if not Path(path).exists():
+            raise click.UsageError("no spec given: pass --spec SPEC or set PIPELINE_SPEC")
+    return engine.check_spec(path, _host())
+
+
+spec_option = click.option(
+    "-s", "--spec", "spec_path", envvar="PIPELINE_SPEC", type=click.Path(dir_okay=False), help=SPEC_OPTION_HELP
+)
+
+
+# -- run / validate ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.option("--once", is_flag=True, help="Stop when the sources are exhausted and the sinks have flushed.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Live records/s per connector on stderr (default: on when stderr is a terminal).",
+)
+def run(spec_path: str, once: bool, progress: bool | None) -> None:
+    """Run a pipeline: every source and sink of SPEC, until stopped (Ctrl-C flushes,
+    commits and exits; a second Ctrl-C exits at once).
+
+    \b
+    Example:
+      pipeline run pipelines/jsonl-roundtrip.yaml --once
+    """
+    host = _host()
+    spec = engine.check_spec(spec_path, host)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    show = _Progress() if progress else None
+    result = engine.run(spec, host, once=once, progress=show)
+    if show is not None:
+        show.clear()
+    _summary(spec, result)
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def __call__(self, counters: list[Counters], elapsed: float) -> None:
+        parts = []
+        for c in counters:
+            rate = c.records_in - self.last.get(c.name, 0)
+            self.last[c.name] = c.records_in
+            parts.append(f"{c.name}: {c.records_in:,} ({rate:,}/s)")
+        sys.stderr.write("\r\x1b[K" + f"[{elapsed:5.0f}s] " + "  ".join(parts))
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+def _summary(spec: Spec, result: engine.RunResult) -> None:
+    how = "stopped by signal" if result.stopped_by_signal else "finished"
+    click.echo(f"pipeline {spec.name!r} {how} in {result.elapsed:.1f}s", err=True)
+    rows = [("connector", "kind", "in", "out", "dead-lettered", "errors")]
+    for c in result.counters:
+        rows.append((c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.dead_lettered:,}", f"{c.errors:,}"))
+    _table(rows, err=True)
+
+
+def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip(), err=err)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+def validate(spec_path: str) -> None:
+    """Check SPEC without running it: structure, schemas, connector names and configs.
+    Prints every problem with file:line; exits 2 if there are any."""
+    spec = engine.check_spec(spec_path, _host())
+    click.echo(
+        f"{spec_path}: ok — {len(spec.sources)} source(s), {len(spec.sinks)} sink(s), "
+        f"{len(spec.topics)} topic(s), broker {spec.broker.kind}, state in {spec.state_dir}"
+    )
+
+
+# -- plugins and connectors --------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: distribution, version, what each registered, or its error."""
+    host = _host()
+    if as_json:
+        out = [
+            {
+                "name": p.name,
+                "module": p.module,
+                "distribution": p.distribution,
+                "version": p.version,
+                "connectors": p.connectors,
+                "error": p.error,
+            }
+            for p in host.plugins
+        ]
+        click.echo(json.dumps(out, indent=2))
+        return
+    for p in host.plugins:
+        dist = f"{p.distribution} {p.version}" if p.distribution else p.module
+        if p.broken:
+            click.echo(f"{p.name} ({dist}): BROKEN: {p.error}")
+        else:
+            click.echo(f"{p.name} ({dist}): {', '.join(p.connectors) or 'nothing registered'}")
+    for (kind, name), regs in host.conflicts().items():
+        both = " and ".join(r.label for r in regs)
+        click.echo(f"conflict: {kind} connector {name!r} is registered by both {both}")
+
+
+@cli.group()
+def connectors() -> None:
+    """Inspect the available connectors."""
+
+
+@connectors.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def connectors_list(as_json: bool) -> None:
+    """List source and sink connectors with the plugin that registered each."""
+    regs = _host().registrations()
+    if as_json:
+        click.echo(json.dumps([
+            {"kind": r.kind, "name": r.name, "plugin": r.plugin.name, "description": r.cls.description}
+            for r in regs
+        ], indent=2))
+        return
+    rows = [("kind", "name", "plugin", "description")]
+    rows += [(r.kind, r.name, r.plugin.name, r.cls.description) for r in regs]
+    _table(rows)
+
+
+@connectors.command("show")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["source", "sink"]), help="When a source and a sink share NAME.")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
+    """Show a connector's config settings: type, default, description."""
+    host = _host()
+    regs = [r for r in host.registrations() if r.name == name and kind in (None, r.kind)]
+    if not regs:
+        try:
+            host.lookup(kind or "source", name)
+        except UnknownConnector as exc:
+            raise click.UsageError(str(exc)) from None
+        raise click.UsageError(f"no {kind} connector {name!r}; see `pipeline connectors list`")
+    if as_json:
+        click.echo(json.dumps([
+            {"kind": r.kind, "name": r.name, "plugin": r.plugin.name, "description": r.cls.description,
+             "config": [s.as_dict() for s in r.cls.settings()]}
+            for r in regs
+        ], indent=2, default=str))
+        return
+    for r in regs:
+        click.echo(f"{r.kind} connector {r.name!r} ({r.label}): {r.cls.description}")
+        rows = [("setting", "type", "default", "description")]
+        for s in r.cls.settings():
+            default = "(required)" if s.required else ("***" if s.secret and s.default else json.dumps(s.default, default=str))
+            rows.append((s.name, s.type, default, s.help))
+        _table(rows)
+        click.echo()
+
+
+# -- topics, consume, schemas ------------------------------------------------------------
+
+
+@cli.group()
+def topics() -> None:
+    """Inspect the topics of a pipeline's broker."""
+
+
+@topics.command("list")
+@spec_option
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def topics_list(spec_path: str | None, as_json: bool) -> None:
+    """List topics with partitions and record counts."""
+    described = admin.describe_topics(_spec(spec_path))
+    if as_json:
+        click.echo(json.dumps([t.as_dict() for t in described], indent=2))
+        return
+    rows = [("topic", "partitions", "records")]
+    rows += [(t.name, str(t.partitions), f"{t.records:,}") for t in described]
+    _table(rows)
+
+
+@topics.command("describe")
+@click.argument("topic")
+@spec_option
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def topics_describe(topic: str, spec_path: str | None, as_json: bool) -> None:
+    """Partitions, end offsets and consumer-group lag of TOPIC."""
+    (t,) = admin.describe_topics(_spec(spec_path), topic)
+    if as_json:
+        click.echo(json.dumps(t.as_dict(), indent=2))
+        return
+    click.echo(f"topic {t.name}: {t.partitions} partitions, {t.records:,} records")
+    rows = [("partition", "end offset")] + [(str(p), str(e)) for p, e in enumerate(t.end_offsets)]
+    _table(rows)
+    for group, lags in t.groups.items():
+        click.echo(f"group {group}: lag {sum(lags.values()):,} ({', '.join(f'{p}:{l}' for p, l in lags.items())})")
+
+
+@cli.command()
+@click.argument("topic")
+@spec_option
+@click.option("--from-beginning", is_flag=True, help="Start at the first record (default: the end).")
+@click.option("--max", "max_records", type=click.IntRange(min=1), help="Stop after N records.")
+@click.option(
+    "--follow/--no-follow",
+    default=None,
+    help="Wait for new records (default: follow unless --from-beginning).",
+)
+@click.option("--meta", is_flag=True, help="Wrap each value with partition, offset, timestamp and key.")
+def consume(topic: str, spec_path: str | None, from_beginning: bool, max_records: int | None, follow: bool | None, meta: bool) -> None:
+    """Print TOPIC's records as JSON lines, decoded from Avro.
+
+    \b
+    Example:
+      pipeline consume activity-dlq --from-beginning --spec spec.yaml
+    """
+    if follow is None:
+        follow = not from_beginning
+    admin.consume(
+        _spec(spec_path),
+        topic,
+        click.echo,
+        from_beginning=from_beginning,
+        max_records=max_records,
+        follow=follow,
+        meta=meta,
+    )
+
+
+@cli.group()
+def schemas() -> None:
+    """Inspect and register schemas in the pipeline's schema registry."""
+
+
+@schemas.command("list")
+@spec_option
+def schemas_list(spec_path: str | None) -> None:
+    """List subjects with their versions and compatibility mode."""
+    registry = engine.open_registry(_spec(spec_path))
+    try:
+        rows = [("subject", "versions", "latest id", "compatibility")]
+        for subject in registry.subjects():
+            latest = registry.get(subject, "latest")
+            versions = registry.versions(subject)
+            rows.append((subject, ",".join(map(str, versions)), str(latest.id), registry.compatibility(subject)))
+        _table(rows)
+    finally:
+        registry.close()
+
+
+@schemas.command("show")
+@click.argument("subject")
+@spec_option
+@click.option("--version", "version", default="latest", help="A version number or 'latest'.")
+def schemas_show(subject: str, spec_path: str | None, version: str) -> None:
+    """Print a subject's schema (the latest version unless --version)."""
+    registry = engine.open_registry(_spec(spec_path))
+    try:
+        got = registry.get(subject, version if version == "latest" else int(version))
+        click.echo(f"# subject {got.subject} version {got.version} id {got.id}", err=True)
+        click.echo(json.dumps(json.loads(got.schema), indent=2))
+    finally:
+        registry.close()
+
+
+@schemas.command("register")
+@click.argument("subject")
+@click.argument("schema_file", type=click.Path(exists=True, dir_okay=False))
+@spec_option
+def schemas_register(subject: str, schema_file: str, spec_path: str | None) -> None:
+    """Register SCHEMA_FILE (.avsc) under SUBJECT, checked against the subject's
+    compatibility mode (default BACKWARD); an incompatible change is refused with the reason."""
+    registry = engine.open_registry(_spec(spec_path))
+    try:
+        schema_id = registry.register(subject, Path(schema_file).read_text())
+        latest = registry.get(subject, "latest")
+        click.echo(f"{subject}: id {schema_id}, version {latest.version}")
+    finally:
+        registry.close()
+
+
+def main() -> None:
+    cli(prog_name="pipeline")

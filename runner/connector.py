@@ -1,0 +1,222 @@
+"""The connector contract: what a source or sink connector is, and when each of its
+methods is called. This module and `runner.batch` are all a connector imports.
+
+A connector is two classes, as in Kafka Connect:
+
+- the **connector** (`Source` or `Sink`): declared in a plugin, named, configured. It is a
+  factory: the engine builds it from the spec's `config:` and asks it for tasks.
+- the **task** (`SourceTask` or `SinkTask`): the running part that moves batches. Tasks
+  are async; every method is awaited on the engine's event loop, so a task must not block
+  it (run blocking I/O with `asyncio.to_thread`).
+
+A minimal source::
+
+    from runner.batch import Batch
+    from runner.connector import Config, Source, SourceTask, setting
+
+    class Numbers(Source):
+        name = "numbers"
+        class Config(Config):
+            count: int = setting(100, help="How many numbers to emit.")
+
+        def tasks(self):
+            return [NumbersTask(self.config)]
+
+    class NumbersTask(SourceTask):
+        def __init__(self, config):
+            self.config, self.next = config, 0
+        async def open(self, offsets):
+            self.next = offsets.get("numbers", 0)         # resume where we stopped
+        async def poll(self):
+            if self.next >= self.config.count:
+                return None                               # exhausted
+            rows = [{"n": n} for n in range(self.next, min(self.next + 1000, self.config.count))]
+            self.next += len(rows)
+            return Batch(rows, source_offsets={"numbers": self.next})
+
+It is registered by a plugin's `register_connectors` hook (see `runner.hookspecs`).
+
+Offsets and resume
+------------------
+A source names its *source partitions* (a file, a table, a shard: any string) and gives,
+with each batch, the *offset* reached in each partition after the batch's last record
+(any JSON-serialisable value). The engine stores them only once the batch's records are
+durable in the topic — on the embedded broker in the same transaction — and hands them back
+to `SourceTask.open` on the next start. So a restarted source resumes exactly after the
+last batch that reached the topic.
+
+Sinks are told where their records came from (`Batch.topic`, `.partition`,
+`.record_offsets`). The engine commits a sink's consumer position only after `flush`
+returns, so whatever was not flushed is delivered again after a crash (at-least-once). A
+sink that records offsets in its own output (for exactly-once) returns them from `open`.
+
+Errors
+------
+- Input a source cannot turn into a record (a malformed line) goes in `Batch.errors` as a
+  `RecordError` with its position; the engine applies the spec's error policy.
+- A record a sink cannot write is returned from `put` as a `RecordError`.
+- Raise `RetryableError` when the outside world is briefly away: the engine retries the
+  call with backoff (the same batch for `put`; `poll` is called again).
+- Raise `FatalError` (or `ConfigError`) for what will not get better by retrying; the run
+  stops with your message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from runner.batch import Batch
+from runner.broker.base import TopicPartition
+from runner.config import Config, ConfigError, SettingInfo, setting
+from runner.errors import FatalError, RecordError, RetryableError
+
+__all__ = [
+    "Batch",
+    "Config",
+    "ConfigError",
+    "ConnectorContext",
+    "FatalError",
+    "RecordError",
+    "RetryableError",
+    "SettingInfo",
+    "Sink",
+    "SinkTask",
+    "Source",
+    "SourceTask",
+    "TopicPartition",
+    "setting",
+]
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What the engine tells a connector about where it runs."""
+
+    name: str  # the connector's name in the spec (e.g. "access-logs")
+    pipeline: str  # the spec's `name`
+    spec_dir: Path  # relative paths in config are relative to this
+    state_dir: Path  # a directory the connector may keep private state in
+    topics: tuple[str, ...]  # the source's topic, or the sink's topics
+    schemas: dict[str, dict]  # topic -> its Avro value schema
+
+    def resolve(self, path: str | Path) -> Path:
+        """A config path made absolute against the spec's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.spec_dir / p
+
+
+class _Connector:
+    #: The name specs use in `connector:`. Unique per kind (a source and a sink may share).
+    name: ClassVar[str]
+    #: One line shown by `pipeline connectors list`.
+    description: ClassVar[str] = ""
+    #: The typed config; override with a nested `class Config(Config)`.
+    Config: ClassVar[type[Config]] = Config
+
+    def __init__(self, config: Any, context: ConnectorContext) -> None:
+        """Called once per run with the validated config. Do no I/O here: open files and
+        connections in the task's `open`."""
+        self.config = config
+        self.context = context
+
+    @classmethod
+    def settings(cls) -> list[SettingInfo]:
+        return cls.Config.settings()
+
+
+class SourceTask:
+    """The running part of a source. Lifecycle, in order:
+
+    1. `open(offsets)` — once. `offsets` are the stored source offsets of this connector
+       (source partition -> offset) from earlier runs; empty on the first run. Open files
+       and connections here and position yourself after those offsets.
+    2. `poll()` — repeatedly, never concurrently with itself. Return:
+       - a `Batch` of records (rows or columns) with `source_offsets` set to where each
+         source partition stands after the batch, and `errors` for bad input;
+       - an empty `Batch` when nothing is available right now (wait a little inside
+         `poll` first — up to about a second — rather than returning at once);
+       - `None` when the source is exhausted for good (a bounded source).
+       `poll` may be cancelled while it waits (on shutdown); it must keep no half-done
+       state that a cancellation would corrupt. Records of a batch that was returned
+       but not yet committed are simply read again after a restart.
+    3. `committed(offsets)` — after a batch's records and offsets are durable. Optional:
+       for sources that must acknowledge upstream (delete a file, ack a queue).
+    4. `close()` — once, always, whether the run ended cleanly, failed, or was stopped.
+       Release what `open` took. No `poll` follows.
+    """
+
+    async def open(self, offsets: dict[str, Any]) -> None:
+        return None
+
+    async def poll(self) -> Batch | None:
+        raise NotImplementedError
+
+    async def committed(self, offsets: dict[str, Any]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Source(_Connector):
+    """A source connector: reads from the outside world into one topic.
+
+    Subclass it, set `name`, declare `Config`, and implement `tasks()`. The engine encodes
+    each batch against the topic's Avro schema (records that do not fit are data errors),
+    keys and partitions it, and produces it.
+    """
+
+    def tasks(self) -> list[SourceTask]:
+        """The tasks to run, each polled independently. Each task must own distinct
+        source partitions (offsets of all tasks are stored under the connector)."""
+        raise NotImplementedError
+
+
+class SinkTask:
+    """The running part of a sink. Lifecycle, in order:
+
+    1. `open(partitions)` — once per assignment, before any `put`. Returns `None` to
+       start from the consumer group's committed offsets, or a dict
+       `{TopicPartition: next_offset}` for sinks that keep their own position in their
+       output (exactly-once sinks).
+    2. `put(batch)` — repeatedly, one topic-partition per batch, in offset order. Buffer
+       or write; nothing needs to be durable yet. Return `RecordError`s for records that
+       cannot be written (they follow the error policy), or None.
+    3. `flush()` — make everything `put` so far durable. The engine commits the consumer
+       offsets only after `flush` returns; if it raises, nothing is committed.
+    4. `close()` — once, always. On a clean stop `flush` has run first. On abort (a fatal
+       error elsewhere, a second signal) `close` runs without `flush`: discard what was
+       not flushed — it will be delivered again on restart.
+
+    A `kill -9` runs nothing: a sink must never leave half-written output visible (write
+    to a temporary name and rename, or use transactions).
+    """
+
+    async def open(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int] | None:
+        return None
+
+    async def put(self, batch: Batch) -> list[RecordError] | None:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Sink(_Connector):
+    """A sink connector: writes one or more topics to the outside world.
+
+    Subclass it, set `name`, declare `Config`, and implement `task()`. Set `wants` to
+    `"columns"` if the task reads `batch.columns` (Arrow); the engine then builds batches
+    with the Arrow schema derived from the topic's Avro schema.
+    """
+
+    wants: ClassVar[Literal["rows", "columns"]] = "rows"
+
+    def task(self) -> SinkTask:
+        """The task that consumes this sink's topics (one per process)."""
+        raise NotImplementedError

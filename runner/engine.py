@@ -1,0 +1,282 @@
+"""The engine's front door: load and check a spec, open its broker and schema registry,
+build its connectors and run them. The CLI calls only this module (and reads what it
+returns); tests call it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runner.broker.base import Broker
+from runner.broker.embedded import EmbeddedBroker
+from runner.config import ConfigError
+from runner.connector import ConnectorContext
+from runner.errors import FatalError, PipelineError, Problem
+from runner.plugins import PluginHost, UnknownConnector, load_plugins
+from runner.schema.registry import SchemaRegistry
+from runner.schema.serde import DEAD_LETTER_SCHEMA
+from runner.spec import ConnectorSpec, Spec, load_spec
+from runner.worker import Counters, DeadLetters, SinkRunner, SourceRunner, Topic
+
+log = logging.getLogger("pipeline")
+T = TypeVar("T")
+
+
+def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
+    """Load a spec and check everything that can be checked without running it: the
+    structure, the schemas, the connector names and each connector's config. Raises
+    SpecError listing every problem."""
+    host = host or load_plugins()
+
+    def check_connector(kind: str, entry: ConnectorSpec, key_path: str) -> list[Problem]:
+        try:
+            reg = host.lookup(kind, entry.connector)
+        except UnknownConnector as exc:
+            return [Problem(str(exc), path=f"{key_path}.connector")]
+        try:
+            reg.cls.Config.parse(entry.config)
+        except ConfigError as exc:
+            return [
+                Problem(message, path=f"{key_path}.config.{key}" if key else f"{key_path}.config")
+                for key, message in exc.problems
+            ]
+        return []
+
+    return load_spec(path, check_connector=check_connector)
+
+
+def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
+    if spec.broker.kind == "embedded":
+        return EmbeddedBroker(spec.state_dir, read_only=read_only)
+    raise FatalError(
+        f"broker {spec.broker.kind!r} is not available in this version",
+        hint="use `broker: embedded` (the default)",
+    )
+
+
+def open_registry(spec: Spec) -> SchemaRegistry:
+    return SchemaRegistry(spec.state_dir / "schemas.db")
+
+
+@dataclass
+class RunResult:
+    counters: list[Counters]
+    stopped_by_signal: bool = False
+    elapsed: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One run of a spec. `run()` returns when the sources are exhausted and the sinks
+    caught up (`once=True`), or when stopped by a signal or `stop()`."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        host: PluginHost,
+        *,
+        once: bool = False,
+        progress: Callable[[list[Counters], float], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.host = host
+        self.once = once
+        self.progress = progress
+        self.stop_event = asyncio.Event()
+        self.counters: list[Counters] = []
+        self.signalled = 0
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self.signalled += 1
+        if self.signalled > 1:
+            print("pipeline: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        print(
+            f"pipeline: {signal.Signals(signum).name} received, flushing and stopping "
+            "(send again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.stop()
+
+    async def run(self) -> RunResult:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        start = loop.time()
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        return RunResult(self.counters, bool(self.signalled), loop.time() - start)
+
+    async def _run(self) -> None:
+        spec = self.spec
+        broker = open_broker(spec)
+        await broker.start()
+        registry = open_registry(spec)
+        try:
+            topics = await self._prepare_topics(broker, registry)
+            dlq = None
+            if spec.errors.tolerance == "all" and spec.errors.dead_letter_topic:
+                name = spec.errors.dead_letter_topic
+                schema_id = registry.register(f"{name}-value", DEAD_LETTER_SCHEMA)
+                await broker.ensure_topic(name, 1)
+                dlq = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
+            dead_letters = DeadLetters(spec, dlq)
+            sources_done = asyncio.Event() if self.once else None
+            source_runners = self._source_runners(topics, broker, dead_letters)
+            sink_runners = self._sink_runners(topics, broker, registry, dead_letters, sources_done)
+
+            async def sources() -> None:
+                async with asyncio.TaskGroup() as group:
+                    for runner in source_runners:
+                        group.create_task(runner.run())
+                if sources_done is not None:
+                    sources_done.set()
+
+            # Sinks run until stopped (or, with --once, until they have caught up with
+            # everything the sources produced); a run with no sinks ends with its sources.
+            ticker = asyncio.create_task(self._tick()) if self.progress else None
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(sources())
+                    for runner in sink_runners:
+                        group.create_task(runner.run())
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
+        finally:
+            registry.close()
+            await broker.close()
+
+    async def _tick(self) -> None:
+        start = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(1.0)
+            self.progress(self.counters, asyncio.get_running_loop().time() - start)
+
+    async def _prepare_topics(self, broker: Broker, registry: SchemaRegistry) -> dict[str, Topic]:
+        topics = {}
+        for name, t in self.spec.topics.items():
+            schema_id = registry.register(f"{name}-value", t.schema)
+            await broker.ensure_topic(name, t.partitions)
+            topics[name] = Topic(name, t.partitions, t.schema, schema_id, t.key)
+        return topics
+
+    def _context(self, entry: ConnectorSpec, topics: list[str]) -> ConnectorContext:
+        state = self.spec.state_dir / "connectors" / entry.name
+        return ConnectorContext(
+            name=entry.name,
+            pipeline=self.spec.name,
+            spec_dir=self.spec.path.parent,
+            state_dir=state,
+            topics=tuple(topics),
+            schemas={t: self.spec.topics[t].schema for t in topics if t in self.spec.topics},
+        )
+
+    def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> Any:
+        try:
+            reg = self.host.lookup(kind, entry.connector)
+        except UnknownConnector as exc:
+            raise FatalError(str(exc)) from None
+        try:
+            config = reg.cls.Config.parse(entry.config)
+        except ConfigError as exc:
+            raise FatalError(f"{entry.name}: invalid config: {exc}") from None
+        return reg.cls(config, self._context(entry, topics))
+
+    def _source_runners(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceRunner]:
+        runners = []
+        for entry in self.spec.sources:
+            source = self._build("source", entry, [entry.topic])
+            counters = Counters(entry.name, "source")
+            self.counters.append(counters)
+            for task in source.tasks():
+                runners.append(
+                    SourceRunner(entry.name, task, topics[entry.topic], broker, dead_letters, counters, self.stop_event)
+                )
+        return runners
+
+    def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
+        runners = []
+        for entry in self.spec.sinks:
+            sink = self._build("sink", entry, entry.topics)
+            counters = Counters(entry.name, "sink")
+            self.counters.append(counters)
+            runners.append(
+                SinkRunner(
+                    entry.name,
+                    group_name(self.spec, entry),
+                    sink.task(),
+                    sink.wants,
+                    {t: topics[t] for t in entry.topics},
+                    broker,
+                    registry.schema_by_id,
+                    dead_letters,
+                    counters,
+                    self.stop_event,
+                    sources_done,
+                )
+            )
+        return runners
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a task group's failures: the first of ours, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    ours = [e for e in leaves if isinstance(e, PipelineError)]
+    return (ours or leaves)[0]
+
+
+def group_name(spec: Spec, sink: ConnectorSpec) -> str:
+    """The consumer group of a sink, as Kafka Connect names them: one per connector."""
+    return f"pipeline-{spec.name}-{sink.name}"
+
+
+def run(
+    spec: Spec,
+    host: PluginHost,
+    *,
+    once: bool = False,
+    progress: Callable[[list[Counters], float], None] | None = None,
+) -> RunResult:
+    """Run a pipeline to its end; `progress` is called about once a second."""
+    return run_async(Pipeline(spec, host, once=once, progress=progress).run)
+
+
+def run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """The one place the engine enters asyncio."""
+
+    async def wrapped() -> T:
+        return await main()
+
+    return asyncio.run(wrapped())

@@ -1,0 +1,116 @@
+"""The error taxonomy. Every error a user sees is one of these, turned into a message in
+one place (`runner.cli`).
+
+- `DataError`: one record is bad (a malformed line, a record that does not fit its schema).
+  Governed by the spec's `errors.tolerance`: `none` stops the run naming the record,
+  `all` sends it to the dead-letter topic and goes on.
+- `RetryableError`: the world is briefly unavailable (a broker, a disk, a server). The
+  engine retries with backoff and never drops what it holds.
+- `FatalError`: the run cannot go on (bad config, auth, an incompatible schema). Stops the
+  run with a one-line message and a hint.
+- `SpecError`: the spec is invalid; carries every problem found, each with file:line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PipelineError(Exception):
+    """Base of every error the engine reports to users."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class FatalError(PipelineError):
+    """The run cannot continue. Exit code 1."""
+
+
+class RetryableError(PipelineError):
+    """A transient failure; the engine retries the operation with backoff."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class RecordError:
+    """What went wrong with one record, with enough context to find and replay it.
+
+    Sources put these in `Batch.errors` for input they could not turn into a record (a
+    malformed line); the engine makes them for records that fail their schema. They go to
+    the dead-letter topic under `tolerance: all`.
+    """
+
+    error: str
+    stage: str  # "source", "encode", "decode", "transform", "sink"
+    record: Any = None  # the record (dict) or the raw line (str) or bytes
+    field: str | None = None  # the offending field, where known
+    position: str | None = None  # where it came from, e.g. "logs/a.jsonl:17"
+    connector: str | None = None  # filled in by the engine
+    topic: str | None = None  # the topic it was meant for (or read from)
+
+    def describe(self) -> str:
+        where = f" at {self.position}" if self.position else ""
+        fld = f" (field {self.field!r})" if self.field else ""
+        who = f"{self.connector}: " if self.connector else ""
+        return f"{who}{self.stage} error{where}{fld}: {self.error}"
+
+
+class DataError(PipelineError):
+    """One or more records are bad and the error policy says stop."""
+
+    def __init__(self, errors: list[RecordError], *, hint: str | None = None) -> None:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+        record = _short(first.record)
+        super().__init__(
+            f"{first.describe()}{more}; record: {record}",
+            hint=hint
+            or "set `errors: {tolerance: all, dead_letter_topic: NAME}` to route bad "
+            "records to a dead-letter topic instead of stopping",
+        )
+        self.errors = errors
+
+
+@dataclass
+class Problem:
+    """One problem in a spec: where (file:line, key path) and what."""
+
+    message: str
+    path: str = ""  # key path, e.g. "sources[0].config.paths"
+    file: str | None = None
+    line: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        loc = self.file or "<spec>"
+        if self.line is not None:
+            loc += f":{self.line}"
+        key = f" {self.path}:" if self.path else ""
+        return f"{loc}:{key} {self.message}"
+
+
+@dataclass
+class SpecError(PipelineError):
+    """The spec is invalid. Exit code 2."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.problems)
+        PipelineError.__init__(self, f"{n} problem{'s' if n != 1 else ''} in spec")
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,174 @@
+"""The plugin host: loads plugins from the `pipeline` entry-point group (built-ins
+included), calls their `register_connectors` hook, and keeps the registry of connectors
+with the plugin that registered each one.
+
+One broken plugin never takes the others down: its import error is recorded and shown by
+`pipeline plugins`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import traceback
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from runner import hookspecs
+from runner.connector import Sink, Source
+
+ENTRY_POINT_GROUP = "pipeline"
+
+
+@dataclass
+class PluginInfo:
+    """A plugin as the host saw it: where it came from, what it registered, or its error."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    connectors: list[str] = field(default_factory=list)  # "source:jsonl", "sink:jsonl"
+    error: str | None = None
+    detail: str | None = None  # the traceback, for --debug
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str  # "source" | "sink"
+    name: str
+    cls: type
+    plugin: PluginInfo
+
+    @property
+    def label(self) -> str:
+        dist = f" from {self.plugin.distribution}" if self.plugin.distribution else ""
+        return f"plugin {self.plugin.name!r}{dist}"
+
+
+class UnknownConnector(LookupError):
+    pass
+
+
+def kind_of(cls: type) -> str | None:
+    if isinstance(cls, type) and issubclass(cls, Source):
+        return "source"
+    if isinstance(cls, type) and issubclass(cls, Sink):
+        return "sink"
+    return None
+
+
+class PluginHost:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginInfo] = []
+        self._registry: dict[tuple[str, str], Registration] = {}
+        self._conflicts: dict[tuple[str, str], list[Registration]] = {}
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist.name if dist else None,
+                version=dist.version if dist else None,
+            )
+            try:
+                module = ep.load()
+            except Exception as exc:  # any import-time failure of someone else's code
+                self._broken(info, exc)
+                continue
+            self.add(module, info)
+
+    def add(self, module: ModuleType | object, info: PluginInfo | None = None) -> PluginInfo:
+        """Register a plugin object (usually a module) and run its hooks."""
+        if info is None:
+            name = getattr(module, "__name__", repr(module))
+            info = PluginInfo(name=name, module=name)
+        self.plugins.append(info)
+        try:
+            self.pm.register(module, name=info.name)
+        except Exception as exc:  # misspelled hooks, duplicate plugin names
+            self._broken(info, exc, append=False)
+            return info
+        for impl in self.pm.hook.register_connectors.get_hookimpls():
+            if impl.plugin_name != info.name:
+                continue
+            try:
+                impl.function(register=lambda cls, _info=info: self._register(cls, _info))
+            except Exception as exc:
+                self._broken(info, exc, append=False)
+        return info
+
+    def _broken(self, info: PluginInfo, exc: BaseException, append: bool = True) -> None:
+        info.error = f"{type(exc).__name__}: {exc}"
+        info.detail = "".join(traceback.format_exception(exc))
+        if append:
+            self.plugins.append(info)
+
+    def _register(self, cls: Any, info: PluginInfo) -> None:
+        kind = kind_of(cls)
+        name = getattr(cls, "name", None)
+        if kind is None:
+            raise TypeError(f"{cls!r} is not a subclass of runner.connector.Source or Sink")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__qualname__} has no `name`")
+        reg = Registration(kind, name, cls, info)
+        key = (kind, name)
+        info.connectors.append(f"{kind}:{name}")
+        if key in self._conflicts:
+            self._conflicts[key].append(reg)
+        elif key in self._registry:
+            self._conflicts[key] = [self._registry.pop(key), reg]
+        else:
+            self._registry[key] = reg
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def registrations(self, kind: str | None = None) -> list[Registration]:
+        regs = [r for r in self._registry.values() if kind in (None, r.kind)]
+        return sorted(regs, key=lambda r: (r.kind, r.name))
+
+    def conflicts(self) -> dict[tuple[str, str], list[Registration]]:
+        return dict(self._conflicts)
+
+    def lookup(self, kind: str, name: str) -> Registration:
+        """The registration of a connector, or UnknownConnector with a helpful message."""
+        key = (kind, name)
+        if key in self._registry:
+            return self._registry[key]
+        if key in self._conflicts:
+            both = " and ".join(r.label for r in self._conflicts[key])
+            raise UnknownConnector(
+                f"{kind} connector {name!r} is registered by both {both}; "
+                "uninstall or disable one of them"
+            )
+        known = [n for (k, n) in self._registry if k == kind]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        broken = [p.name for p in self.plugins if p.broken]
+        note = f" (broken plugins: {', '.join(broken)})" if broken else ""
+        available = ", ".join(sorted(known)) or "none"
+        raise UnknownConnector(
+            f"unknown {kind} connector {name!r}{hint} (available: {available}){note}"
+        )
+
+
+def load_plugins(*extra: object) -> PluginHost:
+    """The plugin host with every entry-point plugin loaded, plus `extra` plugin objects."""
+    host = PluginHost()
+    host.load_entry_points()
+    for obj in extra:
+        host.add(obj)
+    return host

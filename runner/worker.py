@@ -1,0 +1,395 @@
+"""The worker: runs every source and sink task of a pipeline in one asyncio process.
+
+Source task:  poll → encode (the schema check) → key/partition → produce (+ source offsets,
+              one transaction on the embedded broker) → `committed`.
+Sink task:    fetch → decode → put → … → flush → commit consumer offsets.
+
+Between poll and produce, and between fetch and put, sits a small bounded queue, so
+reading overlaps writing while memory stays flat however long the input. Everything
+moves in batches: the engine makes no per-record hook call, queue hop or await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.batch import Batch
+from runner.broker.base import Broker, ProduceBatch, SourceOffsetCommit, TopicPartition
+from runner.broker.partitioner import Partitioner
+from runner.connector import SinkTask, SourceTask
+from runner.errors import DataError, RecordError, RetryableError
+from runner.schema.arrow import avro_to_arrow
+from runner.schema.serde import DEAD_LETTER_SCHEMA, AvroDecoder, AvroEncoder, dead_letter_rows
+from runner.spec import Spec
+
+log = logging.getLogger("pipeline.worker")
+
+QUEUE_BATCHES = 4  # batches in flight between the two halves of a runner
+SINK_FETCH_RECORDS = 10_000
+FLUSH_INTERVAL = 1.0  # seconds between sink flushes (the at-least-once redelivery window)
+FLUSH_RECORDS = 200_000
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Counters:
+    """What one connector did; shown live and in the run summary."""
+
+    name: str
+    kind: str
+    records_in: int = 0  # source: records polled; sink: records read from topics
+    records_out: int = 0  # source: records produced; sink: records flushed
+    dead_lettered: int = 0
+    errors: int = 0  # data errors (dead-lettered or not)
+    retries: int = 0
+
+
+@dataclass
+class Topic:
+    """A topic as the worker needs it: its schema id, encoder and partition count."""
+
+    name: str
+    partitions: int
+    schema: dict
+    schema_id: int
+    key: str | None = None
+    encoder: AvroEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = AvroEncoder(self.schema_id, self.schema)
+
+
+class DeadLetters:
+    """Applies the error policy to bad records: stop, or produce them to the DLQ topic."""
+
+    def __init__(self, spec: Spec, topic: Topic | None) -> None:
+        self.tolerate = spec.errors.tolerance == "all"
+        self.topic = topic
+
+    def batches(self, errors: list[RecordError]) -> list[ProduceBatch]:
+        """DLQ produce batches for these errors, or DataError if the policy is to stop."""
+        if not errors:
+            return []
+        if not self.tolerate or self.topic is None:
+            raise DataError(errors)
+        now = int(time.time() * 1000)
+        values, failures = self.topic.encoder.encode(dead_letter_rows(errors, now))
+        if failures:  # our own schema: a failure here is a bug, not a data error
+            raise RuntimeError(f"dead-letter record did not encode: {failures[0]}")
+        return [ProduceBatch(self.topic.name, 0, [None] * len(values), values, [now] * len(values))]
+
+
+async def retrying(call: Callable[[], Any], counters: Counters, what: str) -> Any:
+    """Await `call()` until it does not raise RetryableError, backing off exponentially."""
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except RetryableError as exc:
+            counters.retries += 1
+            wait = exc.retry_after or delay
+            log.warning("%s: %s; retrying in %.1fs", what, exc, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+
+class SourceRunner:
+    def __init__(
+        self,
+        name: str,
+        task: SourceTask,
+        topic: Topic,
+        broker: Broker,
+        dead_letters: DeadLetters,
+        counters: Counters,
+        stop: asyncio.Event,
+    ) -> None:
+        self.name = name
+        self.task = task
+        self.topic = topic
+        self.broker = broker
+        self.dead_letters = dead_letters
+        self.counters = counters
+        self.stop = stop
+        self.partitioner = Partitioner()
+
+    async def run(self) -> None:
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
+        offsets = await self.broker.source_offsets(self.name)
+        await self.task.open(offsets)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._poll(queue))
+                group.create_task(self._produce(queue))
+        finally:
+            await self.task.close()
+
+    async def _poll(self, queue: asyncio.Queue[Batch | None]) -> None:
+        try:
+            while not self.stop.is_set():
+                batch = await self._poll_once()
+                if batch is None:
+                    break
+                if len(batch) or batch.errors or batch.source_offsets:
+                    self.counters.records_in += len(batch)
+                    await queue.put(batch)
+        finally:
+            await queue.put(None)
+
+    async def _poll_once(self) -> Batch | None | Any:
+        """One poll, abandoned (cancelled) if a stop is requested while it waits."""
+        poll = asyncio.ensure_future(retrying(self.task.poll, self.counters, f"{self.name}: poll"))
+        stopped = asyncio.ensure_future(self.stop.wait())
+        done, _ = await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if poll in done:
+            return poll.result()
+        poll.cancel()
+        return None
+
+    async def _produce(self, queue: asyncio.Queue[Batch | None]) -> None:
+        while (batch := await queue.get()) is not None:
+            await self._deliver(batch)
+
+    async def _deliver(self, batch: Batch) -> None:
+        topic = self.topic
+        rows = batch.rows
+        errors = [self._context(e) for e in batch.errors]
+        values, failures = topic.encoder.encode(rows)
+        if failures:
+            for f in failures:
+                errors.append(
+                    self._context(
+                        RecordError(
+                            error=f.error,
+                            stage="encode",
+                            record=rows[f.index],
+                            field=f.field,
+                            position=batch.position(f.index),
+                        )
+                    )
+                )
+            bad = {f.index for f in failures}
+            rows = [r for i, r in enumerate(rows) if i not in bad]
+            values = [v for i, v in enumerate(values) if i not in bad]
+        produce = self.dead_letters.batches(errors)  # raises DataError under tolerance none
+        produce[:0] = self._partitioned(rows, values)
+        commit = SourceOffsetCommit(self.name, batch.source_offsets) if batch.source_offsets else None
+        await retrying(
+            lambda: self.broker.produce(produce, commit), self.counters, f"{self.name}: produce"
+        )
+        self.counters.records_out += len(values)
+        self.counters.errors += len(errors)
+        self.counters.dead_lettered += len(errors)
+        if batch.source_offsets:
+            await self.task.committed(batch.source_offsets)
+
+    def _context(self, error: RecordError) -> RecordError:
+        error.connector = self.name
+        error.topic = self.topic.name
+        return error
+
+    def _partitioned(self, rows: list[dict], values: list[bytes]) -> list[ProduceBatch]:
+        topic = self.topic
+        if topic.key is None:
+            keys: list[bytes | None] = [None] * len(values)
+        else:
+            field_name = topic.key
+            keys = [_key_bytes(row.get(field_name)) for row in rows]
+        parts = self.partitioner.partition(keys, topic.partitions)
+        now = int(time.time() * 1000)
+        buckets: dict[int, ProduceBatch] = {}
+        for p, k, v in zip(parts, keys, values):
+            b = buckets.get(p)
+            if b is None:
+                b = buckets[p] = ProduceBatch(topic.name, p, [], [], [])
+            b.keys.append(k)
+            b.values.append(v)
+        for b in buckets.values():
+            b.timestamps = [now] * len(b.values)
+        return list(buckets.values())
+
+
+def _key_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return (value if isinstance(value, str) else str(value)).encode("utf-8")
+
+
+class SinkRunner:
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        task: SinkTask,
+        wants: str,
+        topics: dict[str, Topic],
+        broker: Broker,
+        lookup_schema: Callable[[int], str],
+        dead_letters: DeadLetters,
+        counters: Counters,
+        stop: asyncio.Event,
+        sources_done: asyncio.Event | None,
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.task = task
+        self.topics = topics
+        self.broker = broker
+        self.dead_letters = dead_letters
+        self.counters = counters
+        self.stop = stop
+        self.sources_done = sources_done  # set in --once mode when every source has ended
+        self.decoders = {t: AvroDecoder(lookup_schema, topic.schema) for t, topic in topics.items()}
+        self.arrow = (
+            {t: avro_to_arrow(topic.schema) for t, topic in topics.items()}
+            if wants == "columns"
+            else {}
+        )
+
+    async def run(self) -> None:
+        consumer = await self.broker.consumer(self.group, list(self.topics))
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
+        clean = False
+        try:
+            assignment = await consumer.assignment()
+            resume = await self.task.open(assignment)
+            for tp, offset in (resume or {}).items():
+                await consumer.seek(tp, offset)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._fetch(consumer, queue, assignment))
+                group.create_task(self._put(consumer, queue))
+            clean = True
+        finally:
+            if not clean:
+                log.debug("%s: closing without flush (abort)", self.name)
+            await self.task.close()
+            await consumer.close()
+
+    async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | None], assignment: list[TopicPartition]) -> None:
+        targets: dict[TopicPartition, int] | None = None
+        try:
+            while not self.stop.is_set():
+                if targets is None and self.sources_done is not None and self.sources_done.is_set():
+                    targets = await self._end_offsets(assignment)
+                if targets is not None and await _caught_up(consumer, targets):
+                    break
+                fetched = await consumer.fetch(SINK_FETCH_RECORDS, 0.2)
+                for fb in fetched:
+                    self.counters.records_in += len(fb.values)
+                    batch = await self._decode(fb)
+                    if batch is not None:
+                        await queue.put(batch)
+        finally:
+            await queue.put(None)
+
+    async def _end_offsets(self, assignment: list[TopicPartition]) -> dict[TopicPartition, int]:
+        ends: dict[TopicPartition, int] = {}
+        for topic in {tp.topic for tp in assignment}:
+            for p, end in enumerate(await self.broker.end_offsets(topic)):
+                ends[TopicPartition(topic, p)] = end
+        return {tp: ends.get(tp, 0) for tp in assignment}
+
+    async def _decode(self, fb: Any) -> Batch | None:
+        rows, failures = self.decoders[fb.topic].decode(fb.values)
+        offsets, keys, stamps = fb.offsets, fb.keys, fb.timestamps
+        if failures:
+            errors = [
+                RecordError(
+                    error=f.error,
+                    stage="decode",
+                    record=fb.values[f.index],
+                    position=f"{fb.topic}[{fb.partition}]@{fb.offsets[f.index]}",
+                    connector=self.name,
+                    topic=fb.topic,
+                )
+                for f in failures
+            ]
+            await self._dead_letter(errors)
+            bad = {f.index for f in failures}
+            keep = [i for i in range(len(rows)) if i not in bad]
+            rows = [rows[i] for i in keep]
+            offsets = [offsets[i] for i in keep]
+            keys = [keys[i] for i in keep]
+            stamps = [stamps[i] for i in keep]
+        return Batch(
+            rows,
+            arrow_schema=self.arrow.get(fb.topic),
+            topic=fb.topic,
+            partition=fb.partition,
+            record_offsets=offsets,
+            keys=keys,
+            timestamps=stamps,
+        ) if rows else _Skip(fb.topic, fb.partition, fb.next_offset)
+
+    async def _dead_letter(self, errors: list[RecordError]) -> None:
+        self.counters.errors += len(errors)
+        batches = self.dead_letters.batches(errors)
+        await retrying(lambda: self.broker.produce(batches), self.counters, f"{self.name}: dead letter")
+        self.counters.dead_lettered += len(errors)
+
+    async def _put(self, consumer: Any, queue: asyncio.Queue[Batch | None]) -> None:
+        positions: dict[TopicPartition, int] = {}
+        pending = 0
+        last_flush = time.monotonic()
+        while True:
+            timeout = max(0.0, FLUSH_INTERVAL - (time.monotonic() - last_flush))
+            try:
+                batch = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                batch = _TICK
+            if batch is None:
+                break
+            if isinstance(batch, _Skip):
+                positions[TopicPartition(batch.topic, batch.partition)] = batch.next_offset
+            elif batch is not _TICK:
+                rejected = await retrying(
+                    lambda b=batch: self.task.put(b), self.counters, f"{self.name}: put"
+                )
+                if rejected:
+                    for e in rejected:
+                        e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
+                    await self._dead_letter(list(rejected))
+                positions[TopicPartition(batch.topic, batch.partition)] = batch.last_offset + 1
+                pending += len(batch)
+            if positions and (
+                pending >= FLUSH_RECORDS or time.monotonic() - last_flush >= FLUSH_INTERVAL
+            ):
+                await self._flush(consumer, positions, pending)
+                positions, pending = {}, 0
+                last_flush = time.monotonic()
+            elif not positions:
+                last_flush = time.monotonic()
+        await self._flush(consumer, positions, pending)
+
+    async def _flush(self, consumer: Any, positions: dict[TopicPartition, int], pending: int) -> None:
+        await retrying(self.task.flush, self.counters, f"{self.name}: flush")
+        if positions:
+            await consumer.commit(dict(positions))
+        self.counters.records_out += pending
+
+
+@dataclass
+class _Skip:
+    """A fetched range with nothing left to put (all dead-lettered): still advance."""
+
+    topic: str
+    partition: int
+    next_offset: int
+
+
+_TICK = object()
+
+
+async def _caught_up(consumer: Any, targets: dict[TopicPartition, int]) -> bool:
+    for tp, end in targets.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True

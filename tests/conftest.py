@@ -1,0 +1,45 @@
+"""Shared test helpers: run the installed `pipeline` command as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def pipeline_exe() -> str:
+    exe = BIN / "pipeline"
+    if not exe.exists():
+        pytest.fail(f"the `pipeline` console script is not installed next to {sys.executable}; run `pip install -e .`")
+    return str(exe)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [pipeline_exe(), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_jsonl_dir(directory: Path) -> dict[str, list[dict]]:
+    """Output of the jsonl sink: file name -> records."""
+    out = {}
+    for path in sorted(directory.glob("*.jsonl")):
+        out[path.name] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return out
+
+
+@pytest.fixture
+def cli():
+    return run_cli

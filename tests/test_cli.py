@@ -1,0 +1,259 @@
+"""The `pipeline` command as a user meets it: validate, plugins, connectors, schemas."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_jsonl_dir, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCHEMA = {
+    "type": "record",
+    "name": "Thing",
+    "fields": [{"name": "id", "type": "long"}, {"name": "name", "type": "string"}],
+}
+
+
+def test_validate_reports_three_mistakes_with_lines_and_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "thing.avsc").write_text(json.dumps(SCHEMA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            """\
+            name: three-mistakes
+            topics:
+              things: {partitions: 2, schema: thing.avsc, key: id}
+            sources:
+              - name: in
+                connector: jsonll
+                topic: things
+                config: {paths: ["*.jsonl"]}
+            sinks:
+              - name: out
+                connector: jsonl
+                topics: [thingz]
+                config: {path: out}
+            errrors: {tolerance: all}
+            """
+        )
+    )
+    result = run_cli("validate", spec)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith(str(spec))]
+    assert len(lines) == 3, result.stderr
+    assert f"{spec}:6:" in lines[0] and "jsonll" in lines[0] and "did you mean 'jsonl'" in lines[0]
+    assert f"{spec}:12:" in lines[1] and "thingz" in lines[1]
+    assert f"{spec}:14:" in lines[2] and "errrors" in lines[2] and "errors" in lines[2]
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_reports_connector_config_errors(tmp_path: Path) -> None:
+    (tmp_path / "thing.avsc").write_text(json.dumps(SCHEMA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            """\
+            name: bad-config
+            topics:
+              things: {schema: thing.avsc}
+            sources:
+              - name: in
+                connector: jsonl
+                topic: things
+                config:
+                  pathz: ["*.jsonl"]
+            """
+        )
+    )
+    result = run_cli("validate", spec)
+    assert result.returncode == 2
+    assert f"{spec}:9:" in result.stderr and "pathz" in result.stderr and "'paths'" in result.stderr
+    assert "paths: required setting missing" in result.stderr
+
+
+def test_connectors_list_and_show(tmp_path: Path) -> None:
+    listed = run_cli("connectors", "list", "--json")
+    names = {(c["kind"], c["name"]) for c in json.loads(listed.stdout)}
+    assert {("source", "jsonl"), ("sink", "jsonl")} <= names
+    shown = run_cli("connectors", "show", "jsonl", "--kind", "source", "--json")
+    (conn,) = json.loads(shown.stdout)
+    settings = {s["name"]: s for s in conn["config"]}
+    assert settings["paths"]["required"] and settings["batch_size"]["default"] == 5000
+    text = run_cli("connectors", "show", "jsonl").stdout
+    assert "batch_size" in text and "(required)" in text
+    unknown = run_cli("connectors", "show", "jsonk")
+    assert unknown.returncode == 2 and "did you mean 'jsonl'" in unknown.stderr
+
+
+def _install_plugin(tmp_path: Path, name: str, module_source: str) -> Path:
+    """Build and install a throwaway plugin package into its own directory with pip."""
+    pkg = tmp_path / f"src-{name}"
+    pkg.mkdir()
+    (pkg / f"{name}.py").write_text(textwrap.dedent(module_source))
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "{name.replace('_', '-')}"
+            version = "0.3.1"
+            [project.entry-points.pipeline]
+            {name} = "{name}"
+            [tool.setuptools]
+            py-modules = ["{name}"]
+            """
+        )
+    )
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(pkg)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
+GOOD_PLUGIN = """\
+from runner.batch import Batch
+from runner.connector import Config, Source, SourceTask, setting
+from runner.hookspecs import hookimpl
+
+
+class Counter(Source):
+    name = "counter"
+    description = "Counts from 0."
+
+    class Config(Config):
+        count: int = setting(10, help="How many records.")
+
+    def tasks(self):
+        return [CounterTask(self.config.count)]
+
+
+class CounterTask(SourceTask):
+    def __init__(self, count):
+        self.count, self.next = count, 0
+
+    async def open(self, offsets):
+        self.next = offsets.get("counter", 0)
+
+    async def poll(self):
+        if self.next >= self.count:
+            return None
+        rows = [{"id": i, "name": f"n{i}"} for i in range(self.next, self.count)]
+        self.next = self.count
+        return Batch(rows, source_offsets={"counter": self.next})
+
+
+@hookimpl
+def register_connectors(register):
+    register(Counter)
+"""
+
+BROKEN_PLUGIN = """\
+import this_module_does_not_exist
+"""
+
+
+def test_installed_plugin_runs_and_broken_plugin_is_reported(tmp_path: Path) -> None:
+    site = _install_plugin(tmp_path, "counter_plugin", GOOD_PLUGIN)
+    _install_plugin(tmp_path, "broken_plugin", BROKEN_PLUGIN)
+    env = {"PYTHONPATH": str(site)}
+
+    listed = run_cli("plugins", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert plugins["counter_plugin"]["connectors"] == ["source:counter"]
+    assert plugins["counter_plugin"]["distribution"] == "counter-plugin"
+    assert plugins["counter_plugin"]["version"] == "0.3.1"
+    assert "this_module_does_not_exist" in plugins["broken_plugin"]["error"]
+    assert plugins["builtin"]["connectors"] == ["source:jsonl", "sink:jsonl"]
+    text = run_cli("plugins", env=env).stdout
+    assert "broken_plugin (broken-plugin 0.3.1): BROKEN: ModuleNotFoundError" in text
+
+    (tmp_path / "thing.avsc").write_text(json.dumps(SCHEMA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            """\
+            name: plugged
+            topics:
+              things: {partitions: 2, schema: thing.avsc, key: id}
+            sources:
+              - {name: numbers, connector: counter, topic: things, config: {count: 25}}
+            sinks:
+              - {name: out, connector: jsonl, topics: [things], config: {path: out}}
+            """
+        )
+    )
+    result = run_cli("run", spec, "--once", env=env)
+    assert result.returncode == 0, result.stderr
+    records = [r for rs in read_jsonl_dir(tmp_path / "out").values() for r in rs]
+    assert sorted(r["id"] for r in records) == list(range(25))
+
+
+def test_incompatible_schema_change_is_refused_with_reason(tmp_path: Path) -> None:
+    avsc = tmp_path / "thing.avsc"
+    avsc.write_text(json.dumps(SCHEMA))
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "name": "one"}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            """\
+            name: evolving
+            topics:
+              things: {schema: thing.avsc}
+            sources:
+              - {name: in, connector: jsonl, topic: things, config: {paths: [in.jsonl]}}
+            """
+        )
+    )
+    assert run_cli("run", spec, "--once").returncode == 0
+
+    # Adding a field without a default breaks BACKWARD compatibility: refused at run start.
+    evolved = json.loads(json.dumps(SCHEMA))
+    evolved["fields"].append({"name": "colour", "type": "string"})
+    avsc.write_text(json.dumps(evolved))
+    refused = run_cli("run", spec, "--once")
+    assert refused.returncode == 1
+    assert "things-value" in refused.stderr and "colour" in refused.stderr and "BACKWARD" in refused.stderr
+
+    # The same through `pipeline schemas register`; a compatible change (with a default) is accepted.
+    refused = run_cli("schemas", "register", "things-value", avsc, "--spec", spec)
+    assert refused.returncode == 1 and "colour" in refused.stderr
+    evolved["fields"][-1]["default"] = "blue"
+    avsc.write_text(json.dumps(evolved))
+    accepted = run_cli("schemas", "register", "things-value", avsc, "--spec", spec)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "version 2" in accepted.stdout
+    listed = run_cli("schemas", "list", "--spec", spec).stdout
+    assert "things-value" in listed and "1,2" in listed and "BACKWARD" in listed
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["consume", "--help"], ["topics", "describe", "--help"]])
+def test_help_texts(args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_example_pipeline_round_trip(tmp_path: Path) -> None:
+    """The jsonl round-trip example in pipelines/ runs and dead-letters its three bad lines."""
+    env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    spec = REPO / "pipelines" / "jsonl-roundtrip.yaml"
+    result = run_cli("run", spec, "--once", env=env)
+    assert result.returncode == 0, result.stderr
+    records = [r for rs in read_jsonl_dir(tmp_path / "out").values() for r in rs]
+    assert len(records) == 198
+    dlq = run_cli("consume", "orders-dlq", "--from-beginning", "--spec", spec, env=env)
+    letters = [json.loads(l) for l in dlq.stdout.splitlines()]
+    assert sorted(d["position"].rsplit(":", 1)[1] for d in letters) == ["121", "50", "91"]
