@@ -100,6 +100,9 @@ def run(spec_path: str, once: bool, progress: bool | None) -> None:
     """
     host = _host()
     spec = engine.check_spec(spec_path, host)
+    for plugin in host.plugins:
+        if plugin.broken:
+            click.echo(f"warning: plugin {plugin.name!r} is broken ({plugin.error}); see `pipeline plugins`", err=True)
     if progress is None:
         progress = sys.stderr.isatty()
     show = _Progress() if progress else None
