@@ -58,6 +58,10 @@ class JsonlSourceTask(SourceTask):
         self.files: list[str] = []
         self.current: Any = None  # open binary file
         self.current_path: str | None = None
+        # path -> size when it was last seen ending in an unfinished line (follow mode):
+        # such a file is skipped until it grows, so one half-written line neither spins
+        # the source nor holds up the other files.
+        self.waiting: dict[str, int] = {}
 
     async def open(self, offsets: dict[str, Any]) -> None:
         self.offsets = {path: dict(o) for path, o in offsets.items()}
@@ -82,7 +86,8 @@ class JsonlSourceTask(SourceTask):
                 size = os.path.getsize(path)
             except OSError:
                 continue
-            if size > pos:
+            if size > pos and self.waiting.get(path) != size:
+                self.waiting.pop(path, None)
                 if self.current is not None:
                     self.current.close()
                 self.current = open(path, "rb")
@@ -108,6 +113,7 @@ class JsonlSourceTask(SourceTask):
         lines = list(itertools.islice(self.current, self.config.batch_size))
         if lines and not lines[-1].endswith(b"\n") and self.config.follow:
             lines.pop()  # a line still being written: take it when it is complete
+            self.waiting[path] = os.fstat(self.current.fileno()).st_size
             self.current.seek(pos + sum(map(len, lines)))
         if len(lines) < self.config.batch_size:
             self.current.close()  # at the end for now; reopened when it grows
@@ -132,10 +138,11 @@ class JsonlSourceTask(SourceTask):
                 continue
             rows.append(value)
             positions.append(where)
+        moved = (pos, line_no) != (state["pos"], state["line"])
         state["pos"], state["line"] = pos, line_no
         return Batch(
             rows,
-            source_offsets={path: dict(state)},
+            source_offsets={path: dict(state)} if moved else {},
             errors=errors,
             positions=positions,
         )
@@ -188,6 +195,8 @@ class JsonlSinkTask(SinkTask):
             state = {"next_offset": 0, "size": 0}
             if marker.exists():
                 state = json.loads(marker.read_text())
+            if tp in self.files:
+                self.files.pop(tp).close()
             f = open(data, "ab")
             # Anything past the last committed size was written after the last flush and
             # will be delivered again from next_offset: cut it so nothing appears twice.
@@ -198,6 +207,8 @@ class JsonlSinkTask(SinkTask):
         return resume
 
     async def put(self, batch: Batch) -> None:
+        if not len(batch):
+            return None
         tp = TopicPartition(batch.topic, batch.partition)
         lines = batch.json_lines()
         self.files[tp].write(("\n".join(lines) + "\n").encode("utf-8"))

@@ -120,9 +120,8 @@ class SourceRunner:
 
     async def run(self) -> None:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
-        offsets = await self.broker.source_offsets(self.name)
-        await self.task.open(offsets)
         try:
+            await self.task.open(await self.broker.source_offsets(self.name))
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._poll(queue))
                 group.create_task(self._produce(queue))
@@ -130,27 +129,28 @@ class SourceRunner:
             await self.task.close()
 
     async def _poll(self, queue: asyncio.Queue[Batch | None]) -> None:
-        try:
-            while not self.stop.is_set():
-                batch = await self._poll_once()
-                if batch is None:
-                    break
-                if len(batch) or batch.errors or batch.source_offsets:
-                    self.counters.records_in += len(batch)
-                    await queue.put(batch)
-        finally:
-            await queue.put(None)
+        while not self.stop.is_set():
+            batch = await self._poll_once()
+            if batch is None:
+                break
+            if len(batch) or batch.errors or batch.source_offsets:
+                self.counters.records_in += len(batch)
+                await queue.put(batch)
+        # The end marker only on a normal end: on an error the task group cancels the
+        # producer, and waiting here for room in a queue nobody reads would hang the run.
+        await queue.put(None)
 
-    async def _poll_once(self) -> Batch | None | Any:
+    async def _poll_once(self) -> Batch | None:
         """One poll, abandoned (cancelled) if a stop is requested while it waits."""
         poll = asyncio.ensure_future(retrying(self.task.poll, self.counters, f"{self.name}: poll"))
         stopped = asyncio.ensure_future(self.stop.wait())
-        done, _ = await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if poll in done:
-            return poll.result()
-        poll.cancel()
-        return None
+        try:
+            done, _ = await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not poll.done():
+                poll.cancel()
+        return poll.result() if poll in done else None
 
     async def _produce(self, queue: asyncio.Queue[Batch | None]) -> None:
         while (batch := await queue.get()) is not None:
@@ -275,20 +275,16 @@ class SinkRunner:
 
     async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | None], assignment: list[TopicPartition]) -> None:
         targets: dict[TopicPartition, int] | None = None
-        try:
-            while not self.stop.is_set():
-                if targets is None and self.sources_done is not None and self.sources_done.is_set():
-                    targets = await self._end_offsets(assignment)
-                if targets is not None and await _caught_up(consumer, targets):
-                    break
-                fetched = await consumer.fetch(SINK_FETCH_RECORDS, 0.2)
-                for fb in fetched:
-                    self.counters.records_in += len(fb.values)
-                    batch = await self._decode(fb)
-                    if batch is not None:
-                        await queue.put(batch)
-        finally:
-            await queue.put(None)
+        while not self.stop.is_set():
+            if targets is None and self.sources_done is not None and self.sources_done.is_set():
+                targets = await self._end_offsets(assignment)
+            if targets is not None and await _caught_up(consumer, targets):
+                break
+            fetched = await consumer.fetch(SINK_FETCH_RECORDS, 0.2)
+            for fb in fetched:
+                self.counters.records_in += len(fb.values)
+                await queue.put(await self._decode(fb))
+        await queue.put(None)  # only on a normal end, as in SourceRunner._poll
 
     async def _end_offsets(self, assignment: list[TopicPartition]) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = {}
@@ -297,7 +293,7 @@ class SinkRunner:
                 ends[TopicPartition(topic, p)] = end
         return {tp: ends.get(tp, 0) for tp in assignment}
 
-    async def _decode(self, fb: Any) -> Batch | None:
+    async def _decode(self, fb: Any) -> Batch | _Skip:
         rows, failures = self.decoders[fb.topic].decode(fb.values)
         offsets, keys, stamps = fb.offsets, fb.keys, fb.timestamps
         if failures:
@@ -358,7 +354,7 @@ class SinkRunner:
                         e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
                     await self._dead_letter(list(rejected))
                 positions[TopicPartition(batch.topic, batch.partition)] = batch.last_offset + 1
-                pending += len(batch)
+                pending += len(batch) - len(rejected or ())
             if positions and (
                 pending >= FLUSH_RECORDS or time.monotonic() - last_flush >= FLUSH_INTERVAL
             ):
