@@ -39,11 +39,11 @@ class JsonlSource(Source):
 
     class Config(Config):
         paths: list[str] = setting(help="Glob patterns of the files to read (** allowed).")
-        batch_size: int = setting(5000, help="Lines read per batch.")
+        batch_size: int = setting(5000, help="Lines read per batch.", min=1, max=1_000_000)
         follow: bool = setting(
             False,
-            help="Keep watching the files for appended lines and new files "
-            "(otherwise the source ends when every file is read).",
+            help="Keep watching the files for appended lines and new files, like tail -F "
+            "(a following source never ends, so `run --once` does not either).",
         )
 
     def tasks(self) -> list[SourceTask]:

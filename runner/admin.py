@@ -11,7 +11,7 @@ from typing import Any
 from runner.batch import json_default
 from runner.broker.base import TopicPartition
 from runner.engine import open_broker, open_registry, run_async
-from runner.errors import FatalError
+from runner.errors import UsageError
 from runner.schema.serde import AvroDecoder
 from runner.spec import Spec
 
@@ -46,7 +46,7 @@ def describe_topics(spec: Spec, only: str | None = None) -> list[TopicDescriptio
             if only is not None:
                 infos = [t for t in infos if t.name == only]
                 if not infos:
-                    raise FatalError(f"no topic {only!r} in {spec.state_dir}", hint="see `pipeline topics list`")
+                    raise UsageError(f"no topic {only!r} in {spec.state_dir}", hint="see `pipeline topics list`")
             out = []
             for info in infos:
                 ends = await broker.end_offsets(info.name)
@@ -77,11 +77,11 @@ def consume(
     async def main() -> int:
         broker = open_broker(spec, read_only=True)
         await broker.start()
-        registry = open_registry(spec)
+        registry = open_registry(spec, must_exist=True)
         try:
             names = {t.name for t in await broker.topics()}
             if topic not in names:
-                raise FatalError(
+                raise UsageError(
                     f"no topic {topic!r} in {spec.state_dir}",
                     hint=f"topics: {', '.join(sorted(names)) or 'none'}",
                 )

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from runner import __version__, admin, engine
-from runner.errors import PipelineError, SpecError
+from runner.errors import PipelineError, SpecError, UsageError
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
 from runner.spec import Spec
 from runner.worker import Counters
@@ -27,6 +27,8 @@ class PipelineGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except PipelineError as exc:
             debug = (ctx.obj or {}).get("debug", False)
             if debug:
@@ -34,11 +36,18 @@ class PipelineGroup(click.Group):
             if isinstance(exc, SpecError):
                 click.echo(str(exc), err=True)
                 click.echo(f"error: {exc.args[0]}", err=True)
-                ctx.exit(2)
+                ctx.exit(exc.exit_code)
             click.echo(f"error: {exc}", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
-            if not debug:
+            if exc.__cause__ is not None and not debug:
+                click.echo("(run with --debug for the traceback)", err=True)
+            ctx.exit(exc.exit_code)
+        except Exception as exc:  # a bug, or the environment (disk, permissions)
+            if (ctx.obj or {}).get("debug", False):
+                traceback.print_exc()
+            else:
+                click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
                 click.echo("(run with --debug for the traceback)", err=True)
             ctx.exit(1)
 
@@ -71,7 +80,7 @@ def _spec(path: str | None) -> Spec:
         path = "pipeline.yaml"
         if not Path(path).exists():
             raise click.UsageError("no spec given: pass --spec SPEC or set PIPELINE_SPEC")
-    return engine.check_spec(path, _host())
+    return engine.load_for_inspection(path)
 
 
 spec_option = click.option(
@@ -106,7 +115,14 @@ def run(spec_path: str, once: bool, progress: bool | None) -> None:
     if progress is None:
         progress = sys.stderr.isatty()
     show = _Progress() if progress else None
-    result = engine.run(spec, host, once=once, progress=show)
+    try:
+        result = engine.run(spec, host, once=once, progress=show)
+    except PipelineError as exc:
+        if show is not None:
+            show.clear()
+        if exc.result is not None:
+            _summary(spec, exc.result, failed=True)
+        raise
     if show is not None:
         show.clear()
     _summary(spec, result)
@@ -130,8 +146,8 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _summary(spec: Spec, result: engine.RunResult) -> None:
-    how = "stopped by signal" if result.stopped_by_signal else "finished"
+def _summary(spec: Spec, result: engine.RunResult, failed: bool = False) -> None:
+    how = "failed" if failed else "stopped by signal" if result.stopped_by_signal else "finished"
     click.echo(f"pipeline {spec.name!r} {how} in {result.elapsed:.1f}s", err=True)
     rows = [("connector", "kind", "in", "out", "dead-lettered", "errors")]
     for c in result.counters:
@@ -237,7 +253,9 @@ def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
         rows = [("setting", "type", "default", "description")]
         for s in r.cls.settings():
             default = "(required)" if s.required else ("***" if s.secret and s.default else json.dumps(s.default, default=str))
-            rows.append((s.name, s.type, default, s.help))
+            bounds = [f">= {s.min:g}" if s.min is not None else "", f"<= {s.max:g}" if s.max is not None else ""]
+            kind = " ".join([s.type, *filter(None, bounds)])
+            rows.append((s.name, kind, default, s.help))
         _table(rows)
         click.echo()
 
@@ -321,7 +339,7 @@ def schemas() -> None:
 @spec_option
 def schemas_list(spec_path: str | None) -> None:
     """List subjects with their versions and compatibility mode."""
-    registry = engine.open_registry(_spec(spec_path))
+    registry = engine.open_registry(_spec(spec_path), must_exist=True)
     try:
         rows = [("subject", "versions", "latest id", "compatibility")]
         for subject in registry.subjects():
@@ -339,8 +357,12 @@ def schemas_list(spec_path: str | None) -> None:
 @click.option("--version", "version", default="latest", help="A version number or 'latest'.")
 def schemas_show(subject: str, spec_path: str | None, version: str) -> None:
     """Print a subject's schema (the latest version unless --version)."""
-    registry = engine.open_registry(_spec(spec_path))
+    if version != "latest" and not version.isdigit():
+        raise click.BadParameter(f"{version!r} is neither a version number nor 'latest'", param_hint="--version")
+    registry = engine.open_registry(_spec(spec_path), must_exist=True)
     try:
+        if subject not in registry.subjects():
+            raise UsageError(f"no subject {subject!r}", hint="see `pipeline schemas list`")
         got = registry.get(subject, version if version == "latest" else int(version))
         click.echo(f"# subject {got.subject} version {got.version} id {got.id}", err=True)
         click.echo(json.dumps(json.loads(got.schema), indent=2))

@@ -31,10 +31,13 @@ def setting(
     *,
     help: str,
     secret: bool = False,
+    min: float | None = None,
+    max: float | None = None,
 ) -> Any:
     """Declare one config setting: its default (omit for a required setting), its
-    description (shown by `pipeline connectors show`) and whether it is a secret."""
-    metadata = {"help": help, "secret": secret}
+    description (shown by `pipeline connectors show`), whether it is a secret, and for
+    numbers the smallest and largest value allowed."""
+    metadata = {"help": help, "secret": secret, "min": min, "max": max}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -51,6 +54,8 @@ class SettingInfo:
     default: Any
     help: str
     secret: bool
+    min: float | None = None
+    max: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +65,8 @@ class SettingInfo:
             "default": None if self.required else self.default,
             "help": self.help,
             "secret": self.secret,
+            "min": self.min,
+            "max": self.max,
         }
 
 
@@ -99,6 +106,8 @@ class Config:
                     default=default,
                     help=f.metadata.get("help", ""),
                     secret=f.metadata.get("secret", False),
+                    min=f.metadata.get("min"),
+                    max=f.metadata.get("max"),
                 )
             )
         return rows
@@ -124,9 +133,18 @@ class Config:
                     problems.append((info.name, f"required setting missing ({info.help})"))
                 continue
             try:
-                values[info.name] = _check(mapping[info.name], hints[info.name], info.name)
+                value = _check(mapping[info.name], hints[info.name], info.name)
             except _TypeProblem as exc:
                 problems.append((exc.key, exc.message))
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if info.min is not None and value < info.min:
+                    problems.append((info.name, f"must be at least {info.min:g}, got {value}"))
+                    continue
+                if info.max is not None and value > info.max:
+                    problems.append((info.name, f"must be at most {info.max:g}, got {value}"))
+                    continue
+            values[info.name] = value
         if problems:
             raise ConfigError(problems)
         return cls(**values)

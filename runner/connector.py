@@ -12,7 +12,7 @@ A connector is two classes, as in Kafka Connect:
 A minimal source::
 
     from runner.batch import Batch
-    from runner.connector import Config, Source, SourceTask, setting
+    from runner.connector import Config, Source, SourceTask, hookimpl, setting
 
     class Numbers(Source):
         name = "numbers"
@@ -34,7 +34,12 @@ A minimal source::
             self.next += len(rows)
             return Batch(rows, source_offsets={"numbers": self.next})
 
-It is registered by a plugin's `register_connectors` hook (see `runner.hookspecs`).
+    @hookimpl
+    def register_connectors(register):
+        register(Numbers)
+
+The `register_connectors` hook is documented in `runner.hookspecs`; `hookimpl` is
+re-exported here so a connector module imports only this contract and `runner.batch`.
 
 Offsets and resume
 ------------------
@@ -71,6 +76,7 @@ from runner.batch import Batch
 from runner.broker.base import TopicPartition
 from runner.config import Config, ConfigError, SettingInfo, setting
 from runner.errors import FatalError, RecordError, RetryableError
+from runner.hookspecs import hookimpl
 
 __all__ = [
     "Batch",
@@ -86,6 +92,7 @@ __all__ = [
     "Source",
     "SourceTask",
     "TopicPartition",
+    "hookimpl",
     "setting",
 ]
 

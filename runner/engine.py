@@ -19,12 +19,12 @@ from runner.broker.base import Broker
 from runner.broker.embedded import EmbeddedBroker
 from runner.config import ConfigError
 from runner.connector import ConnectorContext
-from runner.errors import FatalError, PipelineError, Problem
+from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
 from runner.schema.registry import SchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
-from runner.worker import Counters, DeadLetters, SinkRunner, SourceRunner, Topic
+from runner.worker import Counters, DeadLetters, SinkRunner, SourceRunner, Topic, first_error
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -50,7 +50,20 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
             ]
         return []
 
-    return load_spec(path, check_connector=check_connector)
+    spec = load_spec(path, check_connector=check_connector)
+    if spec.broker.kind != "embedded":
+        raise SpecError([Problem(
+            f"broker {spec.broker.kind!r} is not available in this version; use `broker: embedded`",
+            path="broker", file=str(path), line=spec.line_of("broker"),
+        )])
+    return spec
+
+
+def load_for_inspection(path: str | os.PathLike) -> Spec:
+    """A spec for the read-side commands (topics, consume, schemas): only what locates the
+    state directory must be right, so a typo in a connector's config does not lock a
+    user out of their data."""
+    return load_spec(path)
 
 
 def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
@@ -62,8 +75,16 @@ def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
     )
 
 
-def open_registry(spec: Spec) -> SchemaRegistry:
-    return SchemaRegistry(spec.state_dir / "schemas.db")
+def open_registry(spec: Spec, *, must_exist: bool = False) -> SchemaRegistry:
+    """The embedded schema registry; `must_exist` for read-side commands, which must not
+    create a state directory as a side effect."""
+    path = spec.state_dir / "schemas.db"
+    if must_exist and not path.exists():
+        raise UsageError(
+            f"no schemas registered in {spec.state_dir} yet",
+            hint="`pipeline run` registers each topic's schema when it starts",
+        )
+    return SchemaRegistry(path)
 
 
 @dataclass
@@ -123,11 +144,20 @@ class Pipeline:
         try:
             await self._run()
         except BaseExceptionGroup as group:
-            raise first_error(group) from None
+            exc = first_error(group)
+            raise self._with_result(exc, loop.time() - start) from exc.__cause__
+        except PipelineError as exc:
+            raise self._with_result(exc, loop.time() - start)
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
         return RunResult(self.counters, bool(self.signalled), loop.time() - start)
+
+    def _with_result(self, exc: BaseException, elapsed: float) -> BaseException:
+        """A failed run still reports what it did (the CLI prints the summary)."""
+        if isinstance(exc, PipelineError):
+            exc.result = RunResult(self.counters, bool(self.signalled), elapsed)
+        return exc
 
     async def _run(self) -> None:
         spec = self.spec
@@ -137,11 +167,11 @@ class Pipeline:
         try:
             topics = await self._prepare_topics(broker, registry)
             dlq = None
-            if spec.errors.tolerance == "all" and spec.errors.dead_letter_topic:
+            if spec.errors.dead_letter_topic:
                 name = spec.errors.dead_letter_topic
                 schema_id = registry.register(f"{name}-value", DEAD_LETTER_SCHEMA)
                 await broker.ensure_topic(name, 1)
-                dlq = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
+                dlq = topics[name] = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
             dead_letters = DeadLetters(spec, dlq)
             sources_done = asyncio.Event() if self.once else None
             source_runners = self._source_runners(topics, broker, dead_letters)
@@ -239,22 +269,6 @@ class Pipeline:
                 )
             )
         return runners
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a task group's failures: the first of ours, else the first."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    ours = [e for e in leaves if isinstance(e, PipelineError)]
-    return (ours or leaves)[0]
 
 
 def group_name(spec: Spec, sink: ConnectorSpec) -> str:

@@ -21,6 +21,9 @@ class PipelineError(Exception):
     """Base of every error the engine reports to users."""
 
     hint: str | None = None
+    exit_code: int = 1
+    #: For a failed run: what it did before failing (a `runner.engine.RunResult`).
+    result: Any = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -30,6 +33,12 @@ class PipelineError(Exception):
 
 class FatalError(PipelineError):
     """The run cannot continue. Exit code 1."""
+
+
+class UsageError(PipelineError):
+    """The command asked for something that is not there (a topic, a subject). Exit 2."""
+
+    exit_code = 2
 
 
 class RetryableError(PipelineError):
@@ -102,6 +111,7 @@ class SpecError(PipelineError):
     """The spec is invalid. Exit code 2."""
 
     problems: list[Problem] = field(default_factory=list)
+    exit_code = 2
 
     def __post_init__(self) -> None:
         n = len(self.problems)

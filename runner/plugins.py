@@ -99,6 +99,7 @@ class PluginHost:
         self.plugins.append(info)
         try:
             self.pm.register(module, name=info.name)
+            self._check_hook_names(module)
         except Exception as exc:  # misspelled hooks, duplicate plugin names
             self._broken(info, exc, append=False)
             return info
@@ -110,6 +111,18 @@ class PluginHost:
             except Exception as exc:
                 self._broken(info, exc, append=False)
         return info
+
+    def _check_hook_names(self, module: object) -> None:
+        """Refuse hook implementations that match no hook (a misspelled name would
+        otherwise load silently and register nothing)."""
+        known = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "pipeline_spec")]
+        for name in dir(module):
+            attr = getattr(module, name, None)
+            if callable(attr) and hasattr(attr, "pipeline_impl") and name not in known:
+                self.pm.unregister(module)
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown hook {name!r}{hint} (hooks: {', '.join(known)})")
 
     def _broken(self, info: PluginInfo, exc: BaseException, append: bool = True) -> None:
         info.error = f"{type(exc).__name__}: {exc}"

@@ -640,6 +640,9 @@ class _Loader:
             config = {}
         elif not isinstance(config, dict):
             self.problem(f"{path}.config", f"expected a mapping, got {_got(config)}")
+        # Problems with the topics below do not stop the connector's own checks: every
+        # problem of the spec is reported at once.
+        core_ok = self.attempts == before
 
         topic: str | None = None
         topic_list: list[str] = []
@@ -675,8 +678,9 @@ class _Loader:
                         self.declared(t, tpath, topics, dlq)
                         topic_list.append(t)
 
-        tainted = any(m == path or m.startswith((f"{path}.", f"{path}[")) for m in self.muted)
-        if self.attempts > before or name is None or tainted:
+        core = (f"{path}.connector", f"{path}.config")
+        tainted = any(m == path or m.startswith(core) for m in self.muted)
+        if not core_ok or name is None or tainted:
             return None
         return ConnectorSpec(
             name=name,

@@ -12,9 +12,10 @@ moves in batches: the engine makes no per-record hook call, queue hop or await.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from runner.batch import Batch
 from runner.broker.base import Broker, ProduceBatch, SourceOffsetCommit, TopicPartition
 from runner.broker.partitioner import Partitioner
 from runner.connector import SinkTask, SourceTask
-from runner.errors import DataError, RecordError, RetryableError
+from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
 from runner.schema.arrow import avro_to_arrow
 from runner.schema.serde import DEAD_LETTER_SCHEMA, AvroDecoder, AvroEncoder, dead_letter_rows
 from runner.spec import Spec
@@ -119,6 +120,10 @@ class SourceRunner:
         self.partitioner = Partitioner()
 
     async def run(self) -> None:
+        async with errors_named(self.name):
+            await self._run()
+
+    async def _run(self) -> None:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
         try:
             await self.task.open(await self.broker.source_offsets(self.name))
@@ -215,6 +220,35 @@ class SourceRunner:
         return list(buckets.values())
 
 
+@contextlib.asynccontextmanager
+async def errors_named(connector: str) -> AsyncIterator[None]:
+    """Report a connector's failure as one error naming it: an unexpected exception from
+    a task becomes a FatalError '<connector>: <Type>: <message>' (traceback with --debug)."""
+    try:
+        yield
+    except (BaseExceptionGroup, Exception) as caught:
+        exc = first_error(caught) if isinstance(caught, BaseExceptionGroup) else caught
+        if isinstance(exc, PipelineError) or not isinstance(exc, Exception):
+            raise exc from exc.__cause__
+        raise FatalError(f"{connector}: {type(exc).__name__}: {exc}") from exc
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a task group's failures: the first of ours, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    ours = [e for e in leaves if isinstance(e, PipelineError)]
+    return (ours or leaves)[0]
+
+
 def _key_bytes(value: Any) -> bytes | None:
     if value is None:
         return None
@@ -255,14 +289,17 @@ class SinkRunner:
         )
 
     async def run(self) -> None:
+        async with errors_named(self.name):
+            await self._run()
+
+    async def _run(self) -> None:
         consumer = await self.broker.consumer(self.group, list(self.topics))
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
         clean = False
         try:
             assignment = await consumer.assignment()
             resume = await self.task.open(assignment)
-            for tp, offset in (resume or {}).items():
-                await consumer.seek(tp, offset)
+            await self._resume(consumer, resume or {})
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._fetch(consumer, queue, assignment))
                 group.create_task(self._put(consumer, queue))
@@ -272,6 +309,22 @@ class SinkRunner:
                 log.debug("%s: closing without flush (abort)", self.name)
             await self.task.close()
             await consumer.close()
+
+    async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
+        """Start where the sink says its output ends, if it keeps its own offsets."""
+        ends: dict[str, list[int]] = {}
+        for tp, offset in resume.items():
+            if tp.topic not in ends:
+                ends[tp.topic] = await self.broker.end_offsets(tp.topic)
+            end = ends[tp.topic][tp.partition]
+            if offset > end:
+                raise FatalError(
+                    f"{self.name}: its output says {tp} was written up to offset {offset}, "
+                    f"but the topic ends at {end}",
+                    hint="the output belongs to an older state directory: move the output "
+                    "away, or restore the state directory it was written from",
+                )
+            await consumer.seek(tp, offset)
 
     async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | None], assignment: list[TopicPartition]) -> None:
         targets: dict[TopicPartition, int] | None = None

@@ -49,3 +49,17 @@ def test_settings_table() -> None:
     assert rows["batch_size"].default == 500 and rows["batch_size"].help == "Records per batch."
     assert rows["mode"].type == "'fast' | 'safe'"
     assert rows["password"].secret and rows["password"].type == "str | null"
+
+
+class Bounded(Config):
+    size: int = setting(10, help="Size.", min=1, max=100)
+
+
+def test_numeric_bounds_are_checked_and_listed() -> None:
+    with pytest.raises(ConfigError) as err:
+        Bounded.parse({"size": 0})
+    assert err.value.problems == [("size", "must be at least 1, got 0")]
+    with pytest.raises(ConfigError, match="at most 100"):
+        Bounded.parse({"size": 101})
+    (info,) = Bounded.settings()
+    assert (info.min, info.max) == (1, 100)

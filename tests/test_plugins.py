@@ -75,3 +75,18 @@ def test_unknown_name_suggests_close_matches() -> None:
     host.add(plugin("a", FileSource))
     with pytest.raises(UnknownConnector, match="did you mean 'file'"):
         host.lookup("source", "flie")
+
+
+def test_a_misspelled_hook_marks_the_plugin_broken() -> None:
+    module = types.ModuleType("typo")
+
+    @hookimpl
+    def register_connector(register):  # missing the final "s"
+        register(FileSource)
+
+    module.register_connector = register_connector
+    host = PluginHost()
+    host.add(module)
+    assert "did you mean 'register_connectors'" in host.plugins[0].error
+    with pytest.raises(UnknownConnector):
+        host.lookup("source", "file")

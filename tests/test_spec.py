@@ -510,11 +510,13 @@ def test_check_connector_problems_get_lines(tmp_path: pathlib.Path) -> None:
         ]
 
     ps = problems(path, env={}, check_connector=check)
-    # Not called for the malformed sink (undeclared topic).
-    assert calls == [("source", "logs", "sources[0]"), ("sink", "out", "sinks[1]")]
+    # Called for the sink with an undeclared topic too: every problem is reported at once.
+    assert calls == [("source", "logs", "sources[0]"), ("sink", "broken", "sinks[0]"), ("sink", "out", "sinks[1]")]
     assert [(p.line, p.path, p.message) for p in ps] == [
         (8, "sources[0].config.not_there.deeper", "unknown option"),
         (12, "sources[0].config.paths[1]", "expected a string, got 7"),
+        (14, "sinks[0]", "needs a config"),
+        (15, "sinks[0].connector", "unknown connector 'nosuch'"),
         (16, "sinks[0].topics[0]", "topic 'nope' is not declared under topics (declared: events)"),
         (17, "sinks[1]", "needs a config"),
         (18, "sinks[1].connector", "unknown connector 'nosuch'"),

@@ -39,7 +39,7 @@ from runner.connector import (
     TopicPartition,
     setting,
 )
-from runner.errors import DataError
+from runner.errors import DataError, FatalError
 from runner.hookspecs import hookimpl
 from runner.plugins import load_plugins
 from runner.spec import Spec
@@ -520,8 +520,10 @@ def test_sink_crash_aborts_the_run_closing_without_flush(tmp_path: Path, host) -
     rows = events(30)
     write_script(tmp_path, chunks(rows, 10))
     spec = engine.check_spec(write_spec(tmp_path, partitions=1, sink_config={"crash_on": 15}), host)
-    with pytest.raises(RuntimeError, match="sink exploded on id 15"):
+    # Reported as one error naming the connector, with the original as its cause.
+    with pytest.raises(FatalError, match="out: RuntimeError: sink exploded on id 15") as err:
         engine.run(spec, host, once=True)
+    assert isinstance(err.value.__cause__, RuntimeError)
     kinds = [e[0] for e in EVENTS]
     assert "crash" in kinds
     after = kinds[kinds.index("crash") + 1 :]
@@ -541,7 +543,7 @@ def test_sink_crash_aborts_even_with_a_full_queue(tmp_path: Path, host) -> None:
     spec_path = write_spec(tmp_path, sink_config={"put_delay": 0.05, "crash_on_put": 6})
     engine.check_spec(spec_path, host)
     done = run_in_subprocess(spec_path)
-    assert done.returncode == 3 and "raised RuntimeError sink exploded on put 6" in done.stdout, done
+    assert done.returncode == 3 and "raised FatalError out: RuntimeError: sink exploded on put 6" in done.stdout, done
 
 
 # -- source offsets ----------------------------------------------------------------------------
