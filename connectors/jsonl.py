@@ -1,10 +1,14 @@
 """`jsonl` source and sink: one JSON object per line.
 
 The source reads files matching globs, in path order, and keeps a byte offset per file
-as its source offset, so a restart continues at the next unread line. The sink writes one
-file per topic-partition and keeps, beside each, the offset and size it had reached at its
-last flush: on open it cuts anything written after that flush and resumes from there, so
-its output holds every record exactly once even after a crash.
+as its source offset, so a restart continues at the next unread line. A file that shrinks
+below its offset was truncated and is read again from the start.
+
+The sink writes one file per topic-partition and keeps, beside each, the offset and size
+it had reached at its last flush: on open it cuts anything written after that flush and
+resumes from there, so its output holds every record exactly once even after a crash.
+Readers of a file that is still being written should read only up to the size recorded in
+its `.offset` file: bytes past it are not committed yet (and a crash may cut them).
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class JsonlSourceTask(SourceTask):
                 size = os.path.getsize(path)
             except OSError:
                 continue
+            if size < pos:
+                # Truncated (or replaced by a shorter file) since we read it: start over,
+                # as `tail -F` does. Rotation by rename is the http_log source's business.
+                self.offsets[path] = {"pos": 0, "line": 0}
+                pos = 0
             if size > pos and self.waiting.get(path) != size:
                 self.waiting.pop(path, None)
                 if self.current is not None:
@@ -195,6 +204,13 @@ class JsonlSinkTask(SinkTask):
             state = {"next_offset": 0, "size": 0}
             if marker.exists():
                 state = json.loads(marker.read_text())
+                written = data.stat().st_size if data.exists() else 0
+                if written < state["size"]:
+                    raise FatalError(
+                        f"{data} holds {written} bytes but {marker.name} records {state['size']} "
+                        "flushed bytes: the output was changed outside the pipeline",
+                        hint=f"move both {data.name} and {marker.name} away to rewrite this partition",
+                    )
             if tp in self.files:
                 self.files.pop(tp).close()
             f = open(data, "ab")

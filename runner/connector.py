@@ -197,8 +197,9 @@ class SinkTask:
        error elsewhere, a second signal) `close` runs without `flush`: discard what was
        not flushed — it will be delivered again on restart.
 
-    A `kill -9` runs nothing: a sink must never leave half-written output visible (write
-    to a temporary name and rename, or use transactions).
+    A `kill -9` runs nothing: a sink must never leave half-written output that readers
+    would take as committed (write to a temporary name and rename, use transactions, or
+    record the committed length beside the output, as the `jsonl` sink does).
     """
 
     async def open(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int] | None:

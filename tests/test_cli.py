@@ -257,3 +257,81 @@ def test_example_pipeline_round_trip(tmp_path: Path) -> None:
     dlq = run_cli("consume", "orders-dlq", "--from-beginning", "--spec", spec, env=env)
     letters = [json.loads(l) for l in dlq.stdout.splitlines()]
     assert sorted(d["position"].rsplit(":", 1)[1] for d in letters) == ["121", "50", "91"]
+
+
+def _simple_spec(tmp_path: Path, extra: str = "", sink_path: str = "out") -> Path:
+    (tmp_path / "thing.avsc").write_text(json.dumps(SCHEMA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            f"""\
+            name: simple
+            topics:
+              things: {{partitions: 2, schema: thing.avsc, key: name}}
+            sources:
+              - {{name: in, connector: jsonl, topic: things, config: {{paths: [in.jsonl]}}}}
+            sinks:
+              - {{name: out, connector: jsonl, topics: [things], config: {{path: {sink_path}}}}}
+            """
+        )
+        + extra
+    )
+    return spec
+
+
+def test_a_sink_may_archive_the_dead_letter_topic(tmp_path: Path) -> None:
+    spec = _simple_spec(
+        tmp_path,
+        "  - {name: dlq-archive, connector: jsonl, topics: [things-dlq], config: {path: dlq}}\n"
+        "errors: {tolerance: all, dead_letter_topic: things-dlq}\n",
+    )
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "name": "a"}\n{"id": "x", "name": "b"}\n')
+    result = run_cli("run", spec, "--once")
+    assert result.returncode == 0, result.stderr
+    (letter,) = [r for rs in read_jsonl_dir(tmp_path / "dlq").values() for r in rs]
+    assert letter["field"] == "id" and letter["position"].endswith("in.jsonl:2")
+
+
+def test_unexpected_errors_are_one_line_naming_the_connector(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where the sink wants a directory")
+    spec = _simple_spec(tmp_path, sink_path="blocker/out")
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "name": "a"}\n')
+    result = run_cli("run", spec, "--once")
+    assert result.returncode == 1
+    assert "error: out: FileExistsError" in result.stderr or "error: out: NotADirectoryError" in result.stderr
+    assert "Traceback" not in result.stderr and "--debug" in result.stderr
+    assert "pipeline 'simple' failed" in result.stderr  # the summary still printed
+    debug = run_cli("--debug", "run", spec, "--once")
+    assert "Traceback" in debug.stderr
+
+
+def test_deleted_state_dir_with_old_output_is_refused_not_silently_skipped(tmp_path: Path) -> None:
+    import shutil
+
+    spec = _simple_spec(tmp_path)
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}, "name": "n{i}"}}\n' for i in range(50)))
+    assert run_cli("run", spec, "--once").returncode == 0
+    shutil.rmtree(tmp_path / ".pipeline")
+    (tmp_path / "in.jsonl").write_text('{"id": 100, "name": "new"}\n')
+    result = run_cli("run", spec, "--once")
+    assert result.returncode == 1
+    assert "but the topic ends at" in result.stderr and "hint:" in result.stderr
+
+
+def test_read_side_commands_do_not_create_state_and_unknown_names_exit_2(tmp_path: Path) -> None:
+    spec = _simple_spec(tmp_path)
+    listed = run_cli("schemas", "list", "--spec", spec)
+    assert listed.returncode == 2 and "no schemas registered" in listed.stderr
+    assert not (tmp_path / ".pipeline").exists()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "name": "a"}\n')
+    assert run_cli("run", spec, "--once").returncode == 0
+    assert run_cli("consume", "nope", "--spec", spec).returncode == 2
+    assert run_cli("schemas", "show", "nope-value", "--spec", spec).returncode == 2
+    bad_version = run_cli("schemas", "show", "things-value", "--version", "abc", "--spec", spec)
+    assert bad_version.returncode == 2 and "Traceback" not in bad_version.stderr
+
+
+def test_kafka_broker_is_refused_by_validate(tmp_path: Path) -> None:
+    spec = _simple_spec(tmp_path, 'broker: {kafka: {bootstrap_servers: "127.0.0.1:9092"}}\n')
+    result = run_cli("validate", spec)
+    assert result.returncode == 2 and f"{spec}:8:" in result.stderr and "not available" in result.stderr

@@ -7,10 +7,12 @@ The encoder is the schema check: fastavro's writer refuses a record that does no
 schema, and only then do we work out which field was wrong. Records that fit pay nothing
 beyond the encode itself (a separate validation pass measured 4.6x the encode).
 
-Known leniency of fastavro's writer (so of the check): it coerces a bool or a float into
-an int field (1.5 is written as 1), a numeric string into a float/double field, and any
-int into a boolean field, and it does not range-check `int` (2**40 is written as a long
-varint, which Java readers reject). Wrong types that cannot be coerced are refused.
+fastavro's writer is lenient with numbers: it writes 1.5 or True into an int field as 1,
+a numeric string into a double, any int into a boolean, and 2**40 into an `int` (which
+Java readers reject). So, per batch, the encoder also checks the top-level fields whose
+types it would coerce (int, long, float, double, boolean, without a logical type) with
+one cheap type test per value: measured at well under a tenth of the encode. Such fields
+nested inside records, arrays or maps keep fastavro's leniency.
 """
 
 from __future__ import annotations
@@ -90,11 +92,13 @@ class AvroEncoder:
         # Parsed once; fastavro skips re-parsing a schema it has marked as parsed.
         self._parsed = fastavro.parse_schema(schema, named_schemas=self._named)
         self._header = _HEADER.pack(MAGIC, schema_id)
+        self._strict = _coerced_fields(schema)
 
     def encode(self, rows: Sequence[Any]) -> tuple[list[bytes | None], list[EncodeFailure]]:
         """Encode each row; a row that does not fit the schema becomes None + a failure."""
         values: list[bytes | None] = []
-        failures: list[EncodeFailure] = []
+        failures = self._strict_failures(rows) if self._strict else []
+        refused = {f.index for f in failures}
         append = values.append
         write = fastavro.schemaless_writer
         schema = self._parsed
@@ -103,6 +107,9 @@ class AvroEncoder:
         buf.write(self._header)
         seek, truncate, getvalue = buf.seek, buf.truncate, buf.getvalue
         for index, row in enumerate(rows):
+            if refused and index in refused:
+                append(None)
+                continue
             seek(HEADER_SIZE)
             truncate()
             try:
@@ -115,7 +122,28 @@ class AvroEncoder:
                 failures.append(self._failure(index, row, exc))
                 continue
             append(getvalue())
+        if refused:
+            failures.sort(key=lambda f: f.index)
         return values, failures
+
+    def _strict_failures(self, rows: Sequence[Any]) -> list[EncodeFailure]:
+        """Values fastavro would silently coerce, in the top-level numeric and boolean
+        fields: one type test per value, no validation pass."""
+        failures: dict[int, EncodeFailure] = {}
+        try:
+            for name, kind in self._strict:
+                accept = _ACCEPT[kind]
+                for index, row in enumerate(rows):
+                    value = row.get(name)
+                    if value is not None and not accept(value) and index not in failures:
+                        failures[index] = EncodeFailure(
+                            index,
+                            f"field {name!r}: expected {kind}, got {type(value).__name__} {value!r:.60}",
+                            name,
+                        )
+        except AttributeError:  # rows that are not dicts: the writer refuses them itself
+            return []
+        return list(failures.values())
 
     def _failure(self, index: int, row: Any, exc: Exception) -> EncodeFailure:
         """Work out which field was wrong. Runs only for rows that failed."""
@@ -130,6 +158,37 @@ class AvroEncoder:
         return EncodeFailure(
             index, f"field {field!r}: {message}" if field else message, field
         )
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+_ACCEPT: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: type(v) is int and _INT32[0] <= v <= _INT32[1],
+    "long": lambda v: type(v) is int,
+    "float": lambda v: type(v) is float or type(v) is int,
+    "double": lambda v: type(v) is float or type(v) is int,
+    "boolean": lambda v: type(v) is bool,
+}
+
+
+def _coerced_fields(schema: Any) -> list[tuple[str, str]]:
+    """(field, type) of the top-level fields whose values fastavro's writer would coerce:
+    int, long, float, double and boolean without a logical type, alone or with null."""
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        return []
+    out = []
+    for field in schema.get("fields", []):
+        branches = field["type"] if isinstance(field["type"], list) else [field["type"]]
+        kinds = [b for b in branches if b != "null" and b != {"type": "null"}]
+        if len(kinds) != 1:
+            continue
+        kind = kinds[0]
+        if isinstance(kind, dict):
+            if "logicalType" in kind:
+                continue
+            kind = kind.get("type")
+        if kind in _ACCEPT:
+            out.append((field["name"], kind))
+    return out
 
 
 def _find_problem(

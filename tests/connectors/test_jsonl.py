@@ -495,3 +495,38 @@ def test_sink_relative_path_is_resolved_against_the_spec_dir(tmp_path: Path) -> 
     assert (tmp_path / "nested" / "out" / "t-0.jsonl").exists()
     marker = json.loads((tmp_path / "nested" / "out" / "t-0.jsonl.offset").read_text())
     assert marker["next_offset"] == 1 and marker["size"] == (tmp_path / "nested" / "out" / "t-0.jsonl").stat().st_size
+
+
+def test_source_reads_a_truncated_file_again_from_the_start(tmp_path: Path) -> None:
+    log = tmp_path / "t.jsonl"
+    log.write_text('{"n": 1}\n{"n": 2}\n')
+    task = source_task(tmp_path, paths=["t.jsonl"], follow=True)
+
+    async def scenario() -> list[int]:
+        await task.open({})
+        seen = [r["n"] for r in (await task.poll()).rows]
+        log.write_text('{"n": 3}\n')  # truncated and rewritten, shorter than before
+        for _ in range(4):
+            batch = await task.poll()
+            seen += [r["n"] for r in batch.rows]
+        await task.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_sink_refuses_output_shorter_than_its_marker(tmp_path: Path) -> None:
+    task = sink_task(tmp_path)
+    tp = TopicPartition("t", 0)
+
+    async def write_some() -> None:
+        await task.open([tp])
+        await task.put(sink_batch("t", 0, [0, 1], [{"n": 1}, {"n": 2}]))
+        await task.flush()
+        await task.close()
+
+    asyncio.run(write_some())
+    data = next(tmp_path.rglob("t-0.jsonl"))
+    data.write_text("")  # someone emptied the output but kept the marker
+    with pytest.raises(FatalError, match="changed outside the pipeline"):
+        asyncio.run(sink_task(tmp_path).open([tp]))

@@ -323,3 +323,34 @@ def test_dead_letter_rows_encode_and_decode(registry: SchemaRegistry) -> None:
     assert decoded[2]["raw"] == b"\x01\xff\xfe"
     assert decoded[0]["timestamp"] == dt.datetime.fromtimestamp(now_ms / 1000, dt.timezone.utc)
     assert decoded[0]["position"] == "logs/a.jsonl:17" and decoded[0]["topic"] == "activity"
+
+
+def test_values_fastavro_would_coerce_are_refused_naming_the_field() -> None:
+    from runner.schema.serde import AvroEncoder
+
+    schema = {
+        "type": "record",
+        "name": "N",
+        "fields": [
+            {"name": "i", "type": "int"},
+            {"name": "l", "type": ["null", "long"], "default": None},
+            {"name": "d", "type": "double"},
+            {"name": "b", "type": "boolean"},
+            {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        ],
+    }
+    good = {"i": 1, "l": None, "d": 2, "b": False, "t": 5}
+    rows = [
+        good,
+        {**good, "i": 1.5},
+        {**good, "i": True},
+        {**good, "i": 2**40},
+        {**good, "l": 2.0},
+        {**good, "d": "1.5"},
+        {**good, "b": 1},
+        good,
+    ]
+    values, failures = AvroEncoder(1, schema).encode(rows)
+    assert [v is not None for v in values] == [True] + [False] * 6 + [True]
+    assert [(f.index, f.field) for f in failures] == [(1, "i"), (2, "i"), (3, "i"), (4, "l"), (5, "d"), (6, "b")]
+    assert failures[0].error == "field 'i': expected int, got float 1.5"
