@@ -253,11 +253,15 @@ def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
         rows = [("setting", "type", "default", "description")]
         for s in r.cls.settings():
             default = "(required)" if s.required else ("***" if s.secret and s.default else json.dumps(s.default, default=str))
-            bounds = [f">= {s.min:g}" if s.min is not None else "", f"<= {s.max:g}" if s.max is not None else ""]
+            bounds = [f">= {_num(s.min)}" if s.min is not None else "", f"<= {_num(s.max)}" if s.max is not None else ""]
             kind = " ".join([s.type, *filter(None, bounds)])
             rows.append((s.name, kind, default, s.help))
         _table(rows)
         click.echo()
+
+
+def _num(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
 # -- topics, consume, schemas ------------------------------------------------------------
