@@ -191,8 +191,12 @@ class SinkTask:
     2. `put(batch)` — repeatedly, one topic-partition per batch, in offset order. Buffer
        or write; nothing needs to be durable yet. Return `RecordError`s for records that
        cannot be written (they follow the error policy), or None.
-    3. `flush()` — make everything `put` so far durable. The engine commits the consumer
-       offsets only after `flush` returns; if it raises, nothing is committed.
+    3. `flush()` — make everything `put` so far durable and return None; the engine then
+       commits the consumer offsets of everything put. A sink that lands data on its own
+       schedule (a file closed when it is big enough) may instead keep records buffered
+       and return `{TopicPartition: next_offset}` — how far its output is durable; only
+       that is committed. Called about once a second while records flow, and before
+       `close` on a clean stop. If it raises, nothing is committed.
     4. `close()` — once, always. On a clean stop `flush` has run first. On abort (a fatal
        error elsewhere, a second signal) `close` runs without `flush`: discard what was
        not flushed — it will be delivered again on restart.
@@ -208,7 +212,7 @@ class SinkTask:
     async def put(self, batch: Batch) -> list[RecordError] | None:
         raise NotImplementedError
 
-    async def flush(self) -> None:
+    async def flush(self) -> dict[TopicPartition, int] | None:
         return None
 
     async def close(self) -> None:

@@ -419,9 +419,12 @@ class SinkRunner:
         await self._flush(consumer, positions, pending)
 
     async def _flush(self, consumer: Any, positions: dict[TopicPartition, int], pending: int) -> None:
-        await retrying(self.task.flush, self.counters, f"{self.name}: flush")
-        if positions:
-            await consumer.commit(dict(positions))
+        durable = await retrying(self.task.flush, self.counters, f"{self.name}: flush")
+        # A sink that lands data on its own schedule (files rotated by size or time) says
+        # how far it is durable; the rest stays uncommitted and is read again after a crash.
+        commit = dict(positions) if durable is None else dict(durable)
+        if commit:
+            await consumer.commit(commit)
         self.counters.records_out += pending
 
 
