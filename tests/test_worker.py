@@ -114,6 +114,7 @@ class CollectSink(Sink):
         crash_on: int = setting(-1, help="Raise RuntimeError when a row with this id is put.")
         crash_on_put: int = setting(0, help="Raise RuntimeError from the Nth put (1-based).")
         put_delay: float = setting(0.0, help="Seconds each put takes.")
+        durable_behind: int = setting(-1, help="flush() reports output durable only up to N records before the last put (-1: report nothing).")
 
     def task(self) -> SinkTask:
         return CollectTask(self.config)
@@ -156,8 +157,14 @@ class CollectTask(SinkTask):
         ]
         return rejected or None
 
-    async def flush(self) -> None:
+    async def flush(self):
         EVENTS.append(("flush", None))
+        if self.config.durable_behind < 0 or not COLLECTED:
+            return None
+        last: dict[TopicPartition, int] = {}
+        for b in COLLECTED:
+            last[TopicPartition(b.topic, b.partition)] = b.last_offset + 1
+        return {tp: max(0, end - self.config.durable_behind) for tp, end in last.items()}
 
     async def close(self) -> None:
         EVENTS.append(("close", None))
@@ -715,3 +722,11 @@ def test_single_signal_with_a_fast_flush_exits_zero(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_sink_reporting_durable_offsets_gets_only_those_committed(tmp_path: Path, host) -> None:
+    write_script(tmp_path, chunks(events(40), 10))
+    spec = engine.check_spec(write_spec(tmp_path, partitions=1, sink_config={"durable_behind": 5}), host)
+    engine.run(spec, host, once=True)
+    described = admin.describe_topics(spec, "events")[0]
+    assert described.groups["pipeline-wt-out"] == {0: 5}  # 5 records put but not durable: lag
