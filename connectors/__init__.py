@@ -3,10 +3,14 @@ third-party plugin (see the `builtin` entry point in pyproject.toml)."""
 
 from runner.connector import hookimpl
 
+from connectors.http_log import HttpLogSource
 from connectors.jsonl import JsonlSink, JsonlSource
+from connectors.parquet import ParquetSink
 
 
 @hookimpl
 def register_connectors(register):
     register(JsonlSource)
     register(JsonlSink)
+    register(HttpLogSource)
+    register(ParquetSink)

@@ -1,0 +1,225 @@
+"""`http_log` source: Apache / Nginx access logs into typed activity records.
+
+    sources:
+      - name: access-logs
+        connector: http_log
+        topic: activity
+        config: {paths: ["logs/access.log*"], format: combined, follow: true}
+
+Formats: `common`, `combined` (also Nginx's default), `vhost_combined`, or any Apache
+`LogFormat` string (see `formats.py` for the directives and the field each one gives).
+`avro_schema_for(format)` returns the Avro schema of the records a format produces.
+
+Files: every regular file matching the globs, plain or `.gz`, oldest modification first.
+Each file is known by its identity (device and inode) and its source offset is the byte
+position reached in it (see `files.py`), so a restart continues exactly where it stopped,
+even if the file was renamed meanwhile. With `follow: true` the source behaves like
+`tail -F`: it picks up appended lines, new files and rotation by rename (the renamed file
+is finished first, from the descriptor it holds open) or by truncation (`copytruncate`:
+read again from the start); an unfinished last line waits until it is complete. Without
+`follow` it reads what is there, unfinished last line included, and ends.
+
+Rotated `.gz` files are read too, once per identity. A `.gz` whose first bytes are those
+of a file already read is recognised as that file compressed by logrotate and continues
+from its position, so `access.log*` works with `compress` and `delaycompress`. Only
+uncompressed copies are not recognised: with `copytruncate`, let the globs match the live
+file and the compressed copies, not `access.log.1`.
+
+Lines that do not match the format are data errors (`Batch.errors`, position
+`path:line`); blank lines are skipped. Records are not keyed here: set `key:` on the topic
+(`key: remote_host`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from runner.batch import Batch
+from runner.connector import (
+    Config,
+    ConfigError,
+    FatalError,
+    RecordError,
+    Source,
+    SourceTask,
+    setting,
+)
+
+from connectors.http_log.files import Chunk, FileSet
+from connectors.http_log.formats import (
+    NAMED_FORMATS,
+    FormatError,
+    LogFormat,
+    avro_schema_for,
+    compile_format,
+)
+
+__all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format"]
+
+
+class HttpLogSource(Source):
+    name = "http_log"
+    description = "Reads Apache/Nginx access logs (plain or .gz, optionally tailing) as typed records."
+
+    class Config(Config):
+        paths: list[str] = setting(
+            help="Glob patterns of the log files, relative to the spec's directory "
+            "(** allowed; .gz files are read too)."
+        )
+        format: str = setting(
+            "combined",
+            help=f"{', '.join(NAMED_FORMATS)} (Nginx's default is combined), or an Apache "
+            'LogFormat string such as \'%h %l %u %t "%r" %>s %b %D "%{X-Forwarded-For}i"\'.',
+        )
+        follow: bool = setting(
+            False,
+            help="Keep reading like tail -F: appended lines, new files, rotation by rename or "
+            "truncation. A following source never ends.",
+        )
+        batch_size: int = setting(10_000, help="Lines read per batch.", min=1, max=1_000_000)
+        poll_interval: float = setting(
+            0.5,
+            help="Seconds to wait before looking again when following and nothing is new.",
+            min=0.01,
+            max=60,
+        )
+        encoding: str = setting(
+            "utf-8", help="Text encoding of the logs (ASCII-compatible); undecodable bytes are replaced."
+        )
+
+        @classmethod
+        def parse(cls, mapping: dict[str, Any] | None) -> Config:
+            problems: list[tuple[str, str]] = []
+            config = None
+            try:
+                config = super().parse(mapping)
+            except ConfigError as exc:
+                problems += exc.problems
+            given = mapping or {}
+            fmt = given.get("format", "combined")
+            if isinstance(fmt, str):
+                try:
+                    compile_format(fmt)
+                except FormatError as exc:
+                    problems.append(("format", str(exc)))
+            encoding = given.get("encoding", "utf-8")
+            if isinstance(encoding, str):
+                try:
+                    if codecs.lookup(encoding).encode("\n")[0] != b"\n":
+                        problems.append(("encoding", f"{encoding!r} is not ASCII-compatible (lines end in b'\\n')"))
+                except LookupError:
+                    problems.append(("encoding", f"unknown encoding {encoding!r}"))
+            if isinstance(given.get("paths"), list) and not given["paths"]:
+                problems.append(("paths", "give at least one glob pattern"))
+            if problems:
+                raise ConfigError(problems)
+            return config
+
+    def tasks(self) -> list[SourceTask]:
+        return [HttpLogSourceTask(self.config, [str(self.context.resolve(p)) for p in self.config.paths])]
+
+
+class HttpLogSourceTask(SourceTask):
+    def __init__(self, config: Any, patterns: list[str]) -> None:
+        self.config = config
+        self.format: LogFormat = compile_format(config.format)
+        self.files = FileSet(patterns, config.follow, config.encoding)
+        self.last_scan = 0.0
+
+    async def open(self, offsets: dict[str, Any]) -> None:
+        self.files.load(offsets)
+        await asyncio.to_thread(self._scan)
+        if not self.files.files and not self.config.follow:
+            raise FatalError(
+                f"no file matches {', '.join(self.config.paths)}",
+                hint="paths are globs relative to the spec's directory",
+            )
+
+    async def poll(self) -> Batch | None:
+        batch = await asyncio.to_thread(self._step, False)
+        if batch is not None or not self.config.follow:
+            return batch
+        await asyncio.sleep(self.config.poll_interval)
+        batch = await asyncio.to_thread(self._step, True)
+        return batch if batch is not None else Batch([])
+
+    async def close(self) -> None:
+        self.files.close()
+
+    # -- in a worker thread ------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        self.files.scan()
+        self.last_scan = time.monotonic()
+
+    def _step(self, rescan: bool) -> Batch | None:
+        """One batch from the next file with unread data; None if there is none."""
+        if self.config.follow and (rescan or time.monotonic() - self.last_scan >= self.config.poll_interval):
+            self._scan()
+        while (tf := self.files.next_file()) is not None:
+            before = tf.offset()
+            try:
+                chunk = self.files.read(tf, self.config.batch_size)
+            except PermissionError as exc:
+                raise FatalError(
+                    f"cannot read {tf.path}: {exc.strerror}",
+                    hint="the pipeline needs read access to the logs (often the adm group)",
+                ) from None
+            except OSError:
+                tf.close()  # vanished between looking and reading: the next scan decides
+                tf.matched = False
+                continue
+            return self._parse(chunk, moved=tf.offset() != before)
+        return None
+
+    def _parse(self, chunk: Chunk, moved: bool) -> Batch:
+        tf = chunk.file
+        path = tf.path
+        rows, bad, kept = self.format.parse_lines(chunk.lines)
+        first = chunk.first_line
+        errors = [
+            RecordError(
+                error=message,
+                stage="source",
+                record=chunk.lines[i],
+                position=f"{path}:{first + i}",
+            )
+            for i, message in bad
+        ]
+        if chunk.error:
+            errors.append(RecordError(error=chunk.error, stage="source", position=path))
+        lines = range(first, first + len(rows)) if kept is None else [first + i for i in kept]
+        return Batch(
+            rows,
+            source_offsets={tf.ident: tf.offset()} if moved else {},
+            errors=errors,
+            positions=Positions(path, lines),
+        )
+
+
+class Positions(Sequence[str]):
+    """`path:line` of each row, made only when asked for (on an error), not per record."""
+
+    __slots__ = ("path", "lines")
+
+    def __init__(self, path: str, lines: Sequence[int]) -> None:
+        self.path = path
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [f"{self.path}:{n}" for n in self.lines[index]]
+        return f"{self.path}:{self.lines[index]}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Positions({self.path!r}, {self.lines!r})"

@@ -1,0 +1,368 @@
+"""The files behind an `http_log` source: found by globs, known by identity, read in chunks.
+
+A file is known by its identity, `"<st_dev>:<st_ino>"`, not by its name, so a renamed
+file (`access.log` -> `access.log.1`) keeps its position. Each file's state is its source
+offset::
+
+    {"path": "/var/log/nginx/access.log", "pos": 18734, "line": 97, "head": [1024, 2882137012]}
+    {"path": "/var/log/nginx/access.log.2.gz", "pos": 50012, "line": 260, "gz": true, "done": true}
+
+- `pos`: bytes consumed (complete lines only); uncompressed bytes for a `.gz`.
+- `line`: lines consumed, for `file:line` positions in errors.
+- `path`: where the file was last seen (for people; the identity is what counts).
+- `head`: length and CRC-32 of the file's first consumed bytes (up to 1 KiB). A file whose
+  first bytes no longer match was truncated and rewritten (copytruncate that refilled past
+  our position before we looked) or is a new file that reuses a freed inode: it is read
+  from the start.
+- `done` (`.gz` only): read to its end; never opened again.
+
+Truncation (the size drops below `pos`) means `copytruncate` rotation: reading restarts at
+0, as `tail -F` does.
+
+A `.gz` is read once per identity; an empty or incomplete one (logrotate still writing it)
+waits while following. A `.gz` seen for the first time whose first bytes are the `head` of
+a file already read is that file compressed (`access.log.1` -> `access.log.2.gz`): it
+continues from that file's position, so rotated lines are neither read twice nor lost.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import stat
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+HEAD_BYTES = 1024
+MIN_BLOCK = 64 * 1024
+MAX_BLOCK = 64 * 1024 * 1024
+MAX_LINE = 16 * 1024 * 1024  # longer "lines" (a binary file matched by mistake) are cut
+
+
+def identity(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+@dataclass
+class TrackedFile:
+    ident: str
+    path: str
+    gz: bool
+    pos: int = 0
+    line: int = 0
+    head: tuple[int, int] | None = None  # (length, crc32) of the first consumed bytes
+    done: bool = False  # a .gz read to its end
+    handle: Any = None  # plain: an fd; gz: a GzipFile positioned at pos + len(carry)
+    carry: bytes = b""  # gz: bytes read past pos, not consumed yet
+    waiting: int | None = None  # size when last seen ending in an unfinished line
+    matched: bool = True  # found by the globs at the last scan
+    broken: bool = False  # unreadable (a corrupt .gz): skipped for good
+    avg_line: float = 200.0
+    copy_checked: bool = False  # gz: compared with the files already read (see resume_copy)
+    prefix: bytes | None = None  # gz: its first uncompressed bytes, for that comparison
+
+    @classmethod
+    def from_offset(cls, ident: str, offset: dict[str, Any]) -> TrackedFile:
+        head = offset.get("head")
+        return cls(
+            ident=ident,
+            path=str(offset.get("path", "")),
+            gz=bool(offset.get("gz", False)),
+            pos=int(offset.get("pos", 0)),
+            line=int(offset.get("line", 0)),
+            head=(int(head[0]), int(head[1])) if head else None,
+            done=bool(offset.get("done", False)),
+            copy_checked=True,
+        )
+
+    def offset(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "pos": self.pos, "line": self.line}
+        if self.gz:
+            out["gz"] = True
+            out["done"] = self.done
+        elif self.head is not None:
+            out["head"] = list(self.head)
+        return out
+
+    def restart(self) -> None:
+        """Read again from the start (the file was truncated or replaced)."""
+        self.pos = self.line = 0
+        self.head = None
+        self.waiting = None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            if self.gz:
+                self.handle.close()
+            else:
+                os.close(self.handle)
+            self.handle = None
+        self.carry = b""
+
+
+@dataclass
+class Chunk:
+    """Complete lines read from one file, and what was consumed."""
+
+    file: TrackedFile
+    lines: list[str]
+    first_line: int  # line number of lines[0]
+    error: str | None = None  # the file could not be read further (a corrupt .gz)
+
+
+@dataclass
+class FileSet:
+    """The files matched by `patterns`, with their read state, keyed by identity."""
+
+    patterns: list[str]
+    follow: bool
+    encoding: str = "utf-8"
+    files: dict[str, TrackedFile] = field(default_factory=dict)  # identity -> file
+    known: dict[str, dict[str, Any]] = field(default_factory=dict)  # identity -> stored offset
+
+    def load(self, offsets: dict[str, Any]) -> None:
+        self.known = {k: v for k, v in offsets.items() if isinstance(v, dict)}
+
+    # -- finding files ---------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Match the globs again: new identities are tracked (resuming from a stored offset
+        if there is one), renamed ones get their new path, vanished ones are marked."""
+        found: dict[str, str] = {}
+        for pattern in self.patterns:
+            for path in sorted(glob.glob(pattern, recursive=True)):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.setdefault(identity(st), path)
+        for tf in self.files.values():
+            tf.matched = tf.ident in found
+        for ident, path in found.items():
+            tf = self.files.get(ident)
+            if tf is None:
+                stored = self.known.get(ident)
+                tf = TrackedFile.from_offset(ident, stored) if stored else TrackedFile(ident, path, path.endswith(".gz"))
+                self.files[ident] = tf
+            tf.path = path
+
+    def next_file(self) -> TrackedFile | None:
+        """The file with unread data that was modified longest ago (so rotated files are
+        finished before the file that replaced them); None if there is nothing to read."""
+        best: tuple[float, str] | None = None
+        chosen = None
+        for ident, tf in list(self.files.items()):
+            mtime = self._readable(tf)
+            if mtime is None:
+                if not tf.matched and tf.handle is None:
+                    # Rotated away or deleted, and drained. Should it be matched again, it
+                    # resumes from here.
+                    self.known[ident] = tf.offset()
+                    del self.files[ident]
+                continue
+            if best is None or (mtime, tf.path) < best:
+                best, chosen = (mtime, tf.path), tf
+        return chosen
+
+    def _readable(self, tf: TrackedFile) -> float | None:
+        """mtime if `tf` has bytes to read now, else None (and drop what is drained)."""
+        if tf.broken or tf.done:
+            return None
+        try:
+            if tf.handle is None:
+                if not tf.matched:
+                    return None
+                st = os.stat(tf.path)
+                if identity(st) != tf.ident:
+                    return None  # the name now belongs to another file; the next scan sorts it
+            elif tf.gz:
+                st = os.stat(tf.path)
+            else:
+                st = os.fstat(tf.handle)
+        except OSError:
+            tf.close()
+            return None
+        if tf.gz:  # empty: just created by logrotate, which is about to fill it
+            if not st.st_size or st.st_size == tf.waiting:
+                return None
+            if not tf.copy_checked:
+                try:
+                    if not self._resume_copy(tf):
+                        return None
+                except (EOFError, zlib.error, OSError):
+                    if self.follow:
+                        tf.waiting = st.st_size  # not complete yet
+                        return None
+                    tf.copy_checked = True  # corrupt: `read` reports it
+            return st.st_mtime
+        size = st.st_size
+        if size < tf.pos:
+            self._restart(tf)  # truncated: copytruncate rotation
+        if size > tf.pos and size != tf.waiting:
+            return st.st_mtime
+        if not tf.matched or not self.follow:
+            tf.close()  # drained: a following source keeps only files the globs still match
+        return None
+
+    def _resume_copy(self, tf: TrackedFile) -> bool:
+        """A `.gz` seen for the first time may be the compressed copy of a file already
+        read: logrotate's `compress` turns `access.log.1` into `access.log.2.gz`, a new
+        identity with the same bytes. If its first bytes are the `head` of such a file, it
+        continues from that file's position instead of being read again. Returns False
+        (not yet) while that file is still there, to be read to its end first."""
+        heads: dict[tuple[int, int], tuple[int, int, bool]] = {}  # head -> (pos, line, live)
+
+        def add(head: tuple[int, int], pos: int, line: int, live: bool) -> None:
+            seen = heads.get(head)
+            if seen is None or pos > seen[0]:  # the same bytes: the furthest read counts
+                heads[head] = (pos, line, live or bool(seen and seen[2]))
+            elif live:
+                heads[head] = (seen[0], seen[1], True)
+
+        for offset in self.known.values():
+            head = offset.get("head")
+            if head and not offset.get("gz"):
+                add((int(head[0]), int(head[1])), int(offset.get("pos", 0)), int(offset.get("line", 0)), False)
+        for other in self.files.values():
+            if other.head is not None and not other.gz:
+                add(other.head, other.pos, other.line, True)
+        if heads:
+            if tf.prefix is None:
+                with gzip.open(tf.path, "rb") as f:
+                    tf.prefix = f.read(HEAD_BYTES)
+            for length in sorted({length for length, _ in heads}):
+                found = heads.get((length, zlib.crc32(tf.prefix[:length])))
+                if found is not None and len(tf.prefix) >= length:
+                    pos, line, live = found
+                    if live:
+                        return False
+                    tf.pos, tf.line = pos, line
+                    break
+        tf.copy_checked = True
+        tf.prefix = None
+        return True
+
+    def _restart(self, tf: TrackedFile) -> None:
+        """Read `tf` again from the start; what was read of its former content is kept
+        (under a key that is no identity), for compressed copies of it (`copytruncate`
+        then `compress`)."""
+        if tf.head is not None:
+            self.known[f"{tf.ident}@{tf.pos}"] = {"path": tf.path, "pos": tf.pos, "line": tf.line, "head": list(tf.head)}
+        tf.restart()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, tf: TrackedFile, max_lines: int) -> Chunk:
+        """Up to `max_lines` complete lines from `tf`'s position; the position advances.
+
+        An unfinished last line is left for later when following a plain file (and the file
+        is skipped until it grows); it is read as a line when not following, and in a
+        `.gz`, which is complete.
+        """
+        if not tf.gz:
+            if tf.handle is None:
+                self._open(tf)
+            self._check_head(tf)
+        first_line = tf.line + 1
+        block = int(min(MAX_BLOCK, max(MIN_BLOCK, max_lines * tf.avg_line * 0.95)))
+        while True:
+            try:
+                if tf.handle is None:
+                    self._open(tf)
+                data = self._fetch(tf, block)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                if not tf.gz:
+                    raise
+                return self._gz_failed(tf, exc, first_line)
+            eof = len(data) < block
+            if eof or b"\n" in data or block >= MAX_LINE:
+                break
+            block *= 2  # a line longer than the block
+        count = data.count(b"\n")
+        unfinished = False  # the data ends in a line that may still be being written
+        if count > max_lines:
+            consumed = len(data) - len(data.split(b"\n", max_lines)[-1])
+        elif not count and not eof:
+            consumed = len(data)  # MAX_LINE bytes without a line end: taken as a line
+        else:
+            consumed = data.rfind(b"\n") + 1
+            if eof and consumed < len(data):
+                if tf.gz or not self.follow:
+                    consumed = len(data)  # the last line, unterminated but complete
+                else:
+                    unfinished = True
+        text = str(memoryview(data)[:consumed], self.encoding, "replace")
+        lines = text.split("\n")
+        if text.endswith("\n") or not text:
+            lines.pop()
+        if tf.gz:
+            tf.carry = data[consumed:]
+            if eof and consumed == len(data):
+                tf.done = True
+                tf.close()
+        elif unfinished:
+            tf.waiting = tf.pos + len(data)  # skip the file until it grows
+        else:
+            tf.waiting = None
+        tf.pos += consumed
+        tf.line += len(lines)
+        if lines:
+            tf.avg_line = 0.5 * tf.avg_line + 0.5 * (consumed / len(lines))
+        if not tf.gz and (tf.head is None or tf.head[0] < HEAD_BYTES) and tf.pos:
+            head = os.pread(tf.handle, min(HEAD_BYTES, tf.pos), 0)
+            tf.head = (len(head), zlib.crc32(head))
+        return Chunk(tf, lines, first_line)
+
+    def _open(self, tf: TrackedFile) -> None:
+        if tf.gz:
+            tf.handle = gzip.open(tf.path, "rb")
+            if tf.pos:
+                tf.handle.seek(tf.pos)  # decompresses up to pos: once per run
+            tf.carry = b""
+            return
+        fd = os.open(tf.path, os.O_RDONLY)
+        if identity(os.fstat(fd)) != tf.ident:
+            os.close(fd)
+            raise FileNotFoundError(f"{tf.path} was replaced while opening it")
+        tf.handle = fd
+
+    def _check_head(self, tf: TrackedFile) -> None:
+        size = os.fstat(tf.handle).st_size
+        if size < tf.pos:
+            self._restart(tf)
+        elif tf.head is not None:
+            length, crc = tf.head
+            head = os.pread(tf.handle, length, 0)
+            if len(head) < length or zlib.crc32(head) != crc:
+                self._restart(tf)  # another file under the same identity, or truncated and refilled
+
+    def _fetch(self, tf: TrackedFile, block: int) -> bytes:
+        if not tf.gz:
+            return os.pread(tf.handle, block, tf.pos)
+        carry = tf.carry
+        if len(carry) >= block:
+            return carry
+        data = carry + tf.handle.read(block - len(carry))
+        tf.carry = data  # kept until `read` decides what was consumed
+        return data
+
+    def _gz_failed(self, tf: TrackedFile, exc: Exception, first_line: int) -> Chunk:
+        """A .gz that ends early or is corrupt. Following, it may still be being written
+        (logrotate compresses into the final name): wait until it changes, then read it
+        again from our position. Otherwise it is reported and skipped."""
+        tf.close()
+        if self.follow and isinstance(exc, EOFError):
+            try:
+                tf.waiting = os.stat(tf.path).st_size
+            except OSError:
+                tf.broken = True
+            return Chunk(tf, [], first_line)
+        tf.broken = True
+        return Chunk(tf, [], first_line, error=f"cannot read {tf.path}: {exc}")
+
+    def close(self) -> None:
+        for tf in self.files.values():
+            tf.close()

@@ -1,0 +1,368 @@
+"""Apache `LogFormat` strings compiled into one regular expression and a batch parser.
+
+A format is compiled once (`compile_format`): each directive becomes a named group of one
+regex, and the batch loop is written out for the format's fields (integers converted, the
+`%t` timestamp looked up, the dict built in one display). `LogFormat.parse_lines` runs one
+`fullmatch` per line in that loop; there is no per-line object or call chain beyond it.
+Measured on the development machine: about 2.7-2.8 µs a `combined` line, of which the
+regex match is about 1.15 µs.
+
+Conventions, for every format:
+
+- A field logged as `-` becomes `None` (the regex simply does not capture a lone `-`).
+- `%t` (`[10/Oct/2000:13:55:36 -0700]`) becomes an aware `datetime` in UTC, parsed by
+  slicing its fixed layout; each distinct timestamp string is parsed once per batch.
+- `%r` gives `method`, `path` (the request target, query string included) and `protocol`
+  when the request line is `METHOD TARGET PROTOCOL`, else all three are `None`; `request`
+  always holds the request line as logged (escapes included), e.g. `-` or scanner bytes.
+- Apache and Nginx escape `"`, `\\` and non-printable bytes (`\\"`, `\\x22`, `\\xNN`,
+  `\\n`...). Every field except `request` is unescaped (`\\xNN` bytes decoded as UTF-8,
+  invalid bytes replaced). Lines without a backslash skip this step entirely.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+__all__ = [
+    "NAMED_FORMATS",
+    "FormatError",
+    "LogFormat",
+    "avro_schema_for",
+    "compile_format",
+    "parse_clf_time",
+    "unescape",
+]
+
+#: Formats known by name. Nginx's predefined `combined` is Apache's `combined`.
+NAMED_FORMATS = {
+    "common": r"%h %l %u %t \"%r\" %>s %b",
+    "combined": r"%h %l %u %t \"%r\" %>s %b \"%{Referer}i\" \"%{User-agent}i\"",
+    "vhost_combined": r"%v:%p %h %l %u %t \"%r\" %>s %O \"%{Referer}i\" \"%{User-Agent}i\"",
+}
+
+
+class FormatError(ValueError):
+    """A LogFormat string this parser cannot compile (unknown directive, bad syntax)."""
+
+
+# -- the pieces a directive can produce ----------------------------------------------------
+
+_QUOTED = r'[^"\\]*(?:\\.[^"\\]*)*'  # inside "...": anything, with backslash escapes
+_TOKEN = r"\S+"
+_NUMBER = r"\d+"
+_STRING, _INT, _LONG, _TIME, _RAW = "string", "int", "long", "timestamp", "raw"
+
+# directive letter -> (field name, kind, doc). %r, %t and headers are handled apart.
+_SIMPLE: dict[str, tuple[str, str, str]] = {
+    "h": ("remote_host", _STRING, "%h: remote host (client address or name)"),
+    "a": ("remote_addr", _STRING, "%a: client IP address"),
+    "A": ("local_addr", _STRING, "%A: local (server) IP address"),
+    "l": ("ident", _STRING, "%l: remote logname (identd)"),
+    "u": ("user", _STRING, "%u: authenticated user"),
+    "s": ("status", _INT, "%s: HTTP status"),
+    "b": ("bytes", _LONG, "%b: response body bytes (null when logged as -)"),
+    "B": ("bytes", _LONG, "%B: response body bytes"),
+    "D": ("duration_us", _LONG, "%D: time taken to serve the request, microseconds"),
+    "T": ("duration_s", _LONG, "%T: time taken to serve the request, seconds"),
+    "v": ("server_name", _STRING, "%v: canonical server name"),
+    "V": ("server_name", _STRING, "%V: server name (UseCanonicalName)"),
+    "p": ("server_port", _INT, "%p: server port"),
+    "I": ("bytes_in", _LONG, "%I: bytes received, request and headers included"),
+    "O": ("bytes_out", _LONG, "%O: bytes sent, headers included"),
+    "U": ("url_path", _STRING, "%U: URL path, without query string"),
+    "q": ("query_string", _STRING, "%q: query string (with its leading ?), or empty"),
+    "m": ("method", _STRING, "%m: request method"),
+    "H": ("protocol", _STRING, "%H: request protocol"),
+}
+
+_HEADER_NAMES = {"referer": "referrer"}  # the one the HTTP spec misspelled
+
+# A directive: %, optional status condition (%400,501{..}i, %!200{..}i), optional < or >,
+# optional {argument}, the letter. Anything else between directives is literal text.
+_DIRECTIVE = re.compile(r"%(?:!?\d{3}(?:,\d{3})*)?[<>]?(?:\{([^}]*)\})?([A-Za-z%])")
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_UTC = timezone.utc
+
+
+def _snake(name: str) -> str:
+    """`X-Forwarded-For` -> `x_forwarded_for`; a valid Python and Avro name."""
+    out = re.sub(r"[^0-9A-Za-z_]+", "_", name.strip().lower()).strip("_") or "header"
+    return "_" + out if out[0].isdigit() else out
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # string, int, long, timestamp, raw (never null)
+    doc: str
+
+
+def _literal(text: str) -> str:
+    """Literal format text as it appears in log lines: Apache's config escapes undone."""
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n"}.get(m.group(1), m.group(1)), text)
+
+
+def _tokens(fmt: str) -> list[tuple[str, Any]]:
+    """[("lit", text) | ("dir", (argument, letter))]"""
+    out: list[tuple[str, Any]] = []
+    pos = 0
+    for m in _DIRECTIVE.finditer(fmt):
+        if "%" in fmt[pos : m.start()]:
+            break
+        if m.start() > pos:
+            out.append(("lit", _literal(fmt[pos : m.start()])))
+        if m.group(2) == "%":
+            out.append(("lit", "%"))
+        else:
+            out.append(("dir", (m.group(1), m.group(2))))
+        pos = m.end()
+    rest = fmt[pos:]
+    if "%" in rest:
+        raise FormatError(f"incomplete directive at {rest[rest.index('%'):]!r}")
+    if rest:
+        out.append(("lit", _literal(rest)))
+    # Merge adjacent literals (from %%).
+    merged: list[tuple[str, Any]] = []
+    for kind, value in out:
+        if kind == "lit" and merged and merged[-1][0] == "lit":
+            merged[-1] = ("lit", merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return merged
+
+
+def _nullable(name: str, body: str) -> str:
+    # A lone "-" is tried first and captured by no group, which then gives None.
+    # "-foo" still matches the group, because the literal after "-" fails and re backtracks.
+    return f"(?:-|(?P<{name}>{body}))"
+
+
+class LogFormat:
+    """A compiled LogFormat: `fields` (in order), `regex`, and `parse_lines`."""
+
+    def __init__(self, fmt: str, *, label: str | None = None) -> None:
+        self.format = fmt
+        self.label = label or fmt
+        self.fields: list[Field] = []
+        used: dict[str, int] = {}
+
+        def name_for(base: str) -> str:
+            used[base] = used.get(base, 0) + 1
+            return base if used[base] == 1 else f"{base}_{used[base]}"
+
+        tokens = _tokens(fmt)
+        if not any(kind == "dir" for kind, _ in tokens):
+            raise FormatError("the format has no % directive")
+        parts: list[str] = []
+        for i, (kind, value) in enumerate(tokens):
+            if kind == "lit":
+                parts.append(re.escape(value))
+                continue
+            arg, letter = value
+            before = tokens[i - 1][1] if i and tokens[i - 1][0] == "lit" else ""
+            after = tokens[i + 1][1] if i + 1 < len(tokens) and tokens[i + 1][0] == "lit" else ""
+            quoted = before.endswith('"') and after.startswith('"')
+            parts.append(self._directive(arg, letter, quoted, name_for))
+        self.pattern = "".join(parts) + r"[ \t\r]*"
+        try:
+            self.regex = re.compile(self.pattern)
+        except re.error as exc:  # pragma: no cover - every fragment is ours
+            raise FormatError(f"cannot compile {fmt!r}: {exc}") from exc
+        self._match = self.regex.fullmatch
+        self._strings = tuple(f.name for f in self.fields if f.kind == _STRING)
+        self._parse = self._build_parser()
+
+    def _directive(self, arg: str | None, letter: str, quoted: bool, name_for: Callable[[str], str]) -> str:
+        text = _QUOTED if quoted else _TOKEN
+        if letter == "t":
+            if arg is not None:
+                raise FormatError(f"%{{{arg}}}t (a custom time format) is not supported; use %t")
+            name = name_for("timestamp")
+            self.fields.append(Field(name, _TIME, "%t: time the request was received, UTC"))
+            return rf"\[(?P<{name}>\d\d/[A-Za-z]{{3}}/\d{{4}}:\d\d:\d\d:\d\d [+-]\d{{4}})\]"
+        if letter == "r":
+            # Fields in the order of the groups, so that rows and schema agree.
+            request, method, path, protocol = (name_for(n) for n in ("request", "method", "path", "protocol"))
+            self.fields += [
+                Field(request, _RAW, "%r: the request line as logged"),
+                Field(method, _STRING, "%r: request method, null if the request line is not METHOD TARGET PROTOCOL"),
+                Field(path, _STRING, "%r: request target (path and query string), null likewise"),
+                Field(protocol, _STRING, "%r: request protocol, null likewise"),
+            ]
+            if quoted:
+                target = r'[^\s"\\]*(?:\\.[^\s"\\]*)*'
+                generic = _QUOTED
+            else:
+                target, generic = r"\S+", r".*?"
+            return (
+                f"(?P<{request}>(?P<{method}>[A-Za-z][A-Za-z_-]*) (?P<{path}>{target}) "
+                rf"(?P<{protocol}>[A-Za-z]+/\d+(?:\.\d+)?)|{generic})"
+            )
+        if letter in ("i", "o"):
+            if not arg:
+                raise FormatError(f"%{letter} needs a header name, as in %{{Referer}}{letter}")
+            snake = _snake(arg)
+            name = name_for(_HEADER_NAMES.get(snake, snake))
+            what = "request" if letter == "i" else "response"
+            self.fields.append(Field(name, _STRING, f"%{{{arg}}}{letter}: {what} header {arg}"))
+            return _nullable(name, text)
+        if letter in _SIMPLE:
+            base, kind, doc = _SIMPLE[letter]
+            name = name_for(base)
+            self.fields.append(Field(name, kind, doc))
+            if kind in (_INT, _LONG):
+                return _nullable(name, _NUMBER)
+            if not quoted and letter == "U":  # no "?": so that "%U%q" splits where Apache joined
+                return _nullable(name, r"[^\s?]+")
+            if not quoted and letter == "q":  # "?..." or nothing (then null)
+                return rf"(?P<{name}>\?\S*)?"
+            return _nullable(name, text)
+        known = "".join(sorted(_SIMPLE)) + "tr"
+        raise FormatError(
+            f"unsupported directive %{'{' + arg + '}' if arg else ''}{letter} "
+            f"(supported: {', '.join('%' + c for c in known)}, %{{Name}}i, %{{Name}}o, %%)"
+        )
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def parse_lines(
+        self, lines: list[str]
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, str]], list[int] | None]:
+        """Parse a batch of lines (without their line ends).
+
+        Returns (rows, errors, kept): `errors` is [(index, message)] for lines that did not
+        match or could not be converted; blank lines are skipped silently; `kept` is None
+        when every line became a row (row i is line i), else the line index of each row.
+        """
+        rows, errors, skipped = self._parse(lines, self._match, {}, parse_clf_time, self._unescape_row)
+        if not errors and not skipped:
+            return rows, errors, None
+        bad = {i for i, _ in errors}
+        kept = [i for i, line in enumerate(lines) if i not in bad and line.strip()]
+        return rows, errors, kept
+
+    def _unescape_row(self, row: dict[str, Any]) -> None:
+        for name in self._strings:
+            v = row[name]
+            if v is not None and "\\" in v:
+                row[name] = unescape(v)
+
+    def _build_parser(self) -> Callable[..., tuple[list[dict[str, Any]], list[tuple[int, str]], bool]]:
+        """The batch loop, written out for this format's fields: the groups unpacked into
+        locals and the row built as one dict display. Measured, a generic loop over
+        per-field converters costs about 2 µs a line more, and `groupdict()` plus in-place
+        conversion about 0.25 µs more."""
+        index = self.regex.groupindex
+        assert sorted(index.values()) == list(range(1, self.regex.groups + 1)), "unnamed group"
+        var = {f.name: f"g{index[f.name]}" for f in self.fields}
+        body = [f"({', '.join(var[n] for n in sorted(index, key=index.get))},) = m.groups()"]
+        values = {}
+        for f in self.fields:
+            v = var[f.name]
+            if f.kind in (_INT, _LONG):
+                values[f.name] = f"None if {v} is None else int({v})"
+            elif f.kind == _TIME:
+                body += [
+                    f"t = cache.get({v})",
+                    "if t is None:",
+                    "    try:",
+                    f"        t = cache[{v}] = parse_time({v})",
+                    "    except (ValueError, KeyError, IndexError):",
+                    f"        errors.append((i, f'bad timestamp {{{v}!r}} in a line of format ' + LABEL))",
+                    "        continue",
+                    f"t_{v} = t",
+                ]
+                values[f.name] = f"t_{v}"
+            else:
+                values[f.name] = v
+        body.append("row = {" + ", ".join(f"{n!r}: {values[n]}" for n in sorted(index, key=index.get)) + "}")
+        if self._strings:
+            body.append("if '\\\\' in line: unescape_row(row)")
+        code = "\n".join(
+            [
+                "def parse(lines, match, cache, parse_time, unescape_row):",
+                "    rows = []",
+                "    append = rows.append",
+                "    errors = []",
+                "    skipped = False",
+                "    for i, line in enumerate(lines):",
+                "        m = match(line)",
+                "        if m is None:",
+                "            if line.strip():",
+                "                errors.append((i, 'line does not match format ' + LABEL))",
+                "            else:",
+                "                skipped = True",
+                "            continue",
+                *("        " + b for b in body),
+                "        append(row)",
+                "    return rows, errors, skipped",
+            ]
+        )
+        namespace: dict[str, Any] = {"LABEL": self.label}
+        exec(compile(code, f"<http_log format {self.label!r}>", "exec"), namespace)
+        return namespace["parse"]
+
+    def avro_schema(self, name: str = "Activity") -> dict[str, Any]:
+        """The Avro record schema of the records this format produces."""
+        fields = []
+        for f in self.fields:
+            if f.kind == _TIME:
+                fields.append({"name": f.name, "type": {"type": "long", "logicalType": "timestamp-millis"}, "doc": f.doc})
+            elif f.kind == _RAW:
+                fields.append({"name": f.name, "type": "string", "doc": f.doc})
+            else:
+                fields.append({"name": f.name, "type": ["null", f.kind], "default": None, "doc": f.doc})
+        return {
+            "type": "record",
+            "name": name,
+            "doc": f"HTTP access log records, LogFormat {self.format}",
+            "fields": fields,
+        }
+
+
+def compile_format(fmt: str) -> LogFormat:
+    """A named format (`common`, `combined`, `vhost_combined`) or a LogFormat string."""
+    if fmt in NAMED_FORMATS:
+        return LogFormat(NAMED_FORMATS[fmt], label=fmt)
+    return LogFormat(fmt)
+
+
+def avro_schema_for(format: str, name: str = "Activity") -> dict[str, Any]:
+    """The Avro record schema matching the records `format` produces: `timestamp` as
+    timestamp-millis, `request` a string, every other field nullable with default null."""
+    return compile_format(format).avro_schema(name)
+
+
+def parse_clf_time(s: str) -> datetime:
+    """`10/Oct/2000:13:55:36 -0700` -> aware datetime in UTC (fixed layout, no strptime)."""
+    month = _MONTHS.get(s[3:6]) or _MONTHS[s[3:6].title()]
+    offset = int(s[22:24]) * 3600 + int(s[24:26]) * 60
+    t = datetime(int(s[7:11]), month, int(s[0:2]), int(s[12:14]), int(s[15:17]), int(s[18:20]), tzinfo=_UTC)
+    return t - timedelta(seconds=offset) if s[21] == "+" else t + timedelta(seconds=offset)
+
+
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)", re.S)
+_CHARS = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "v": "\v", "f": "\f", '"': '"', "\\": "\\"}
+
+
+def unescape(s: str) -> str:
+    """Undo Apache's / Nginx's log escaping: `\\"`, `\\\\`, `\\n`..., and `\\xNN` bytes
+    (decoded as UTF-8, invalid sequences replaced). Unknown escapes are kept as written."""
+    if "\\x" not in s and "\\X" not in s:
+        return _ESCAPE.sub(lambda m: _CHARS.get(m.group(1), m.group(0)), s)
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPE.finditer(s):
+        out += s[pos : m.start()].encode("utf-8", "surrogatepass")
+        e = m.group(1)
+        if len(e) == 3 and e[0] in "xX":
+            out.append(int(e[1:], 16))
+        else:
+            out += _CHARS.get(e, m.group(0)).encode("utf-8", "surrogatepass")
+        pos = m.end()
+    out += s[pos:].encode("utf-8", "surrogatepass")
+    return out.decode("utf-8", "replace")
