@@ -59,3 +59,70 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     assert again.returncode == 0, again.stderr
     assert duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == len(good)
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_kill_9_five_times_during_a_300k_line_run_leaves_each_line_once(tmp_path: Path) -> None:
+    import collections
+    import datetime as dt
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import pipeline_exe
+
+    count = 300_000
+    subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "generate_access_logs.py"), "--lines", str(count),
+         "--out", str(tmp_path / "logs"), "--rotate", "1", "--malformed-every", "0", "--seed", "9"],
+        check=True,
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"""\
+name: kill-activity
+topics:
+  activity: {{partitions: 4, schema: {json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))}, key: remote_host}}
+sources:
+  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log*"], batch_size: 5000}}}}
+sinks:
+  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, rotate_records: 8000, max_open_seconds: 0}}}}
+"""
+    )
+    glob = f"{tmp_path}/lake/activity/**/*.parquet"
+
+    def visible() -> int:
+        files = list((tmp_path / "lake").rglob("*.parquet")) if (tmp_path / "lake").exists() else []
+        return duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] if files else 0
+
+    rng = random.Random(7)
+    for kill in range(5):
+        proc = subprocess.Popen([pipeline_exe(), "run", str(spec), "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.8, 3.0))  # random moments: startup, mid-source, mid-file, rename
+        if proc.poll() is not None:
+            break  # finished before this kill: nothing left to interrupt
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    final = run_cli("run", spec, "--once", timeout=300)
+    assert final.returncode == 0, final.stderr
+
+    # Every line exactly once: the multiset of lines read independently from the logs
+    # equals the multiset of rows in Parquet.
+    expected: collections.Counter = collections.Counter()
+    for path in sorted((tmp_path / "logs").iterdir()):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                m = COMBINED.match(line.rstrip("\n"))
+                assert m, line
+                stamp = dt.datetime.strptime(m.group(4), "%d/%b/%Y:%H:%M:%S %z")
+                expected[(m.group(1), int(stamp.timestamp() * 1000), m.group(5), int(m.group(6)))] += 1
+    rows = duckdb.execute(
+        f"select remote_host, epoch_ms(timestamp), request, status, count(*) from read_parquet('{glob}') group by all"
+    ).fetchall()
+    got = collections.Counter({(h, ts, req, st): n for h, ts, req, st, n in rows})
+    assert sum(got.values()) == count == visible()
+    assert got == expected
+    assert not list((tmp_path / "lake").rglob("*.tmp"))
