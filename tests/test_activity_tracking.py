@@ -126,3 +126,68 @@ sinks:
     assert sum(got.values()) == count == visible()
     assert got == expected
     assert not list((tmp_path / "lake").rglob("*.tmp"))
+
+
+def test_follow_mode_survives_rename_and_copytruncate_rotation(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import pipeline_exe
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"""\
+name: follow-activity
+topics:
+  activity: {{partitions: 2, schema: {json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))}, key: remote_host}}
+sources:
+  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log*"], follow: true, poll_interval: 0.1}}}}
+sinks:
+  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, max_open_seconds: 0}}}}
+"""
+    )
+    glob = f"{tmp_path}/lake/activity/**/*.parquet"
+    counter = iter(range(1_000_000))
+
+    def append(path: Path, n: int) -> None:
+        with open(path, "a") as f:
+            for _ in range(n):
+                i = next(counter)
+                f.write(f'10.0.{i % 250}.{i % 7} - - [20/Nov/2026:10:00:00 +0000] "GET /item/{i} HTTP/1.1" 200 {i} "-" "test"\n')
+
+    def landed() -> list[int]:
+        if not list((tmp_path / "lake").rglob("*.parquet")):
+            return []
+        return [r[0] for r in duckdb.execute(f"select bytes from read_parquet('{glob}')").fetchall()]
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(landed()) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    log = logs / "access.log"
+    append(log, 300)
+    proc = subprocess.Popen([pipeline_exe(), "run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(300)
+        append(log, 200)
+        log.rename(logs / "access.log.1")  # rotation by rename; the old file gets a last line
+        append(logs / "access.log.1", 1)
+        append(log, 250)  # a new access.log
+        wait_for(751)
+        append(log, 100)
+        wait_for(851)
+        with open(log, "r+") as f:  # copytruncate: copy elsewhere (outside the globs), truncate
+            (tmp_path / "copied.log").write_text(f.read())
+            f.truncate(0)
+        append(log, 150)
+        wait_for(1001)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    got = landed()
+    assert sorted(got) == list(range(1001)), f"missing {sorted(set(range(1001)) - set(got))[:10]}, twice: {len(got) - len(set(got))}"
