@@ -25,7 +25,7 @@ from runner.broker.partitioner import Partitioner
 from runner.connector import SinkTask, SourceTask
 from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
 from runner.schema.arrow import avro_to_arrow
-from runner.schema.serde import DEAD_LETTER_SCHEMA, AvroDecoder, AvroEncoder, dead_letter_rows
+from runner.schema.serde import AvroDecoder, AvroEncoder, dead_letter_rows
 from runner.spec import Spec
 
 log = logging.getLogger("pipeline.worker")
@@ -385,7 +385,9 @@ class SinkRunner:
         self.counters.dead_lettered += len(errors)
 
     async def _put(self, consumer: Any, queue: asyncio.Queue[Batch | None]) -> None:
-        positions: dict[TopicPartition, int] = {}
+        positions: dict[TopicPartition, int] = {}  # put since the last flush
+        put_to: dict[TopicPartition, int] = {}  # everything put so far
+        holding = False  # the sink keeps records it has not made durable yet
         pending = 0
         last_flush = time.monotonic()
         while True:
@@ -397,7 +399,8 @@ class SinkRunner:
             if batch is None:
                 break
             if isinstance(batch, _Skip):
-                positions[TopicPartition(batch.topic, batch.partition)] = batch.next_offset
+                tp = TopicPartition(batch.topic, batch.partition)
+                positions[tp] = put_to[tp] = batch.next_offset
             elif batch is not _TICK:
                 rejected = await retrying(
                     lambda b=batch: self.task.put(b), self.counters, f"{self.name}: put"
@@ -406,26 +409,40 @@ class SinkRunner:
                     for e in rejected:
                         e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
                     await self._dead_letter(list(rejected))
-                positions[TopicPartition(batch.topic, batch.partition)] = batch.last_offset + 1
+                tp = TopicPartition(batch.topic, batch.partition)
+                positions[tp] = put_to[tp] = batch.last_offset + 1
                 pending += len(batch) - len(rejected or ())
-            if positions and (
+            # Flush about once a second while records flow, and go on flushing while the
+            # sink holds records back, so an age-based rotation lands them on quiet input too.
+            if (positions or holding) and (
                 pending >= FLUSH_RECORDS or time.monotonic() - last_flush >= FLUSH_INTERVAL
             ):
-                await self._flush(consumer, positions, pending)
+                holding = await self._flush(consumer, positions, put_to, pending)
                 positions, pending = {}, 0
                 last_flush = time.monotonic()
-            elif not positions:
+            elif not positions and not holding:
                 last_flush = time.monotonic()
-        await self._flush(consumer, positions, pending)
+        await self._flush(consumer, positions, put_to, pending)
 
-    async def _flush(self, consumer: Any, positions: dict[TopicPartition, int], pending: int) -> None:
+    async def _flush(
+        self,
+        consumer: Any,
+        positions: dict[TopicPartition, int],
+        put_to: dict[TopicPartition, int],
+        pending: int,
+    ) -> bool:
+        """Flush and commit; True if the sink still holds records it has not made durable."""
         durable = await retrying(self.task.flush, self.counters, f"{self.name}: flush")
+        self.counters.records_out += pending
+        if durable is None:
+            if positions:
+                await consumer.commit(dict(positions))
+            return False
         # A sink that lands data on its own schedule (files rotated by size or time) says
         # how far it is durable; the rest stays uncommitted and is read again after a crash.
-        commit = dict(positions) if durable is None else dict(durable)
-        if commit:
-            await consumer.commit(commit)
-        self.counters.records_out += pending
+        if durable:
+            await consumer.commit(dict(durable))
+        return any(durable.get(tp, 0) < end for tp, end in put_to.items())
 
 
 @dataclass

@@ -191,3 +191,42 @@ sinks:
     assert proc.returncode == 0, stderr
     got = landed()
     assert sorted(got) == list(range(1001)), f"missing {sorted(set(range(1001)) - set(got))[:10]}, twice: {len(got) - len(set(got))}"
+
+
+def test_quiet_input_still_lands_when_the_open_file_ages_out(tmp_path: Path) -> None:
+    """The parquet sink holds records until a file is rotated; with no further input the
+    engine keeps flushing, so `max_open_seconds` lands them."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import pipeline_exe
+
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "access.log", "w") as f:
+        for i in range(100):
+            f.write(f'10.0.0.{i % 9} - - [20/Nov/2026:10:00:00 +0000] "GET /q/{i} HTTP/1.1" 200 {i} "-" "test"\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"""\
+name: quiet
+topics:
+  activity: {{partitions: 2, schema: {json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))}, key: remote_host}}
+sources:
+  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log"], follow: true}}}}
+sinks:
+  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, max_open_seconds: 2}}}}
+"""
+    )
+    proc = subprocess.Popen([pipeline_exe(), "run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not list((tmp_path / "lake").rglob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        files = list((tmp_path / "lake").rglob("*.parquet"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert files, "buffered records never landed while the input was quiet"
+    glob = f"{tmp_path}/lake/activity/**/*.parquet"
+    assert duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == 100
