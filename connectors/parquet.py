@@ -374,15 +374,8 @@ class _Found:
     temps: dict[tuple[int, int, int], dict[int, Path]] = field(default_factory=dict)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: renames, new files)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -550,7 +543,7 @@ class ParquetSinkTask(SinkTask):
                 path.unlink(missing_ok=True)
                 touched.add(path.parent)
         for d in touched:
-            _fsync_dir(d)
+            _fsync(d)
         complete.sort()
         for a, b in zip(complete, complete[1:]):
             if b[0] <= a[1]:
@@ -614,11 +607,11 @@ class ParquetSinkTask(SinkTask):
                 staged.append((tmp, final))
             dirs = {tmp.parent for tmp, _ in staged}
             for d in dirs:
-                _fsync_dir(d)
+                _fsync(d)
             for tmp, final in staged:
                 os.replace(tmp, final)
             for d in dirs:
-                _fsync_dir(d)
+                _fsync(d)
         except BaseException as exc:
             # What is on disk now is what a crash would leave; the next open repairs it.
             self.broken = exc
@@ -633,7 +626,7 @@ class ParquetSinkTask(SinkTask):
             compression=self.compression or "none",
             row_group_size=self.row_group_size,
         )
-        _fsync_file(path)
+        _fsync(path)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self.known_dirs:
@@ -646,7 +639,7 @@ class ParquetSinkTask(SinkTask):
         for d in reversed(missing):
             d.mkdir(exist_ok=True)
         for parent in {d.parent for d in missing}:
-            _fsync_dir(parent)  # the new directory's entry is durable before files in it
+            _fsync(parent)  # the new directory's entry is durable before files in it
         self.known_dirs.add(directory)
 
     # -- splitting by record time -------------------------------------------------------------

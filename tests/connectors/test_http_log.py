@@ -19,8 +19,9 @@ import pytest
 from connectors.http_log import HttpLogSource, avro_schema_for
 from connectors.http_log.formats import compile_format, parse_clf_time, unescape
 from runner.batch import Batch
-from runner.connector import ConfigError, ConnectorContext, FatalError
+from runner.connector import ConfigError, FatalError
 from tests.conftest import run_cli
+from tests.connectors.tasks import context as _context, drain, write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,20 +33,14 @@ UA_BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.htm
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def context(tmp: Path) -> ConnectorContext:
-    return ConnectorContext(name="logs", pipeline="p", spec_dir=tmp, state_dir=tmp / "state", topics=("t",), schemas={})
+def context(tmp: Path):
+    return _context(tmp, name="logs")
 
 
 def source_task(tmp: Path, **config: Any):
     source = HttpLogSource(HttpLogSource.Config.parse(config), context(tmp))
     (task,) = source.tasks()
     return task
-
-
-def write(path: Path, text: str, mode: str = "w") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, mode, encoding="utf-8", newline="") as f:
-        f.write(text)
 
 
 def line(n: int, *, host: str = "192.0.2.1", path: str | None = None) -> str:
@@ -62,25 +57,6 @@ def lines(start: int, stop: int) -> str:
 
 def numbers(rows: list[dict]) -> list[int]:
     return [int(r["path"].rsplit("/", 1)[1]) for r in rows]
-
-
-def drain(task, offsets: dict | None = None, *, limit: int = 1000) -> list[Batch]:
-    """open(offsets), poll until None, close; the batches."""
-
-    async def main() -> list[Batch]:
-        await task.open(offsets or {})
-        out = []
-        try:
-            for _ in range(limit):
-                batch = await task.poll()
-                if batch is None:
-                    return out
-                out.append(batch)
-            raise AssertionError("poll never returned None")
-        finally:
-            await task.close()
-
-    return asyncio.run(main())
 
 
 def rows_of(batches: list[Batch]) -> list[dict]:

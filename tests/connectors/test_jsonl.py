@@ -13,23 +13,13 @@ import pytest
 
 from connectors.jsonl import JsonlSink, JsonlSource
 from runner.batch import Batch
-from runner.connector import ConnectorContext, FatalError, TopicPartition
+from runner.connector import FatalError, TopicPartition
+from tests.connectors.tasks import context, drain, write
 
 pytestmark = pytest.mark.timeout(30)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def context(tmp: Path, topics: tuple[str, ...] = ("t",)) -> ConnectorContext:
-    return ConnectorContext(
-        name="c",
-        pipeline="p",
-        spec_dir=tmp,
-        state_dir=tmp / "state",
-        topics=topics,
-        schemas={},
-    )
 
 
 def source_task(tmp: Path, **config: Any):
@@ -43,33 +33,8 @@ def sink_task(tmp: Path, path: str = "out"):
     return JsonlSink(JsonlSink.Config.parse({"path": path}), context(tmp)).task()
 
 
-def write(path: Path, text: str, mode: str = "w") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, mode, encoding="utf-8") as f:
-        f.write(text)
-
-
 def lines_of(*records: dict) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def drain(task, offsets: dict | None = None, *, limit: int = 1000) -> list[Batch]:
-    """open(offsets), poll until None, close; the batches."""
-
-    async def main() -> list[Batch]:
-        await task.open(offsets or {})
-        out = []
-        try:
-            for _ in range(limit):
-                batch = await task.poll()
-                if batch is None:
-                    return out
-                out.append(batch)
-            raise AssertionError("poll never returned None")
-        finally:
-            await task.close()
-
-    return asyncio.run(main())
 
 
 def sink_batch(topic: str, partition: int, offsets: list[int], rows: list[dict] | None = None) -> Batch:

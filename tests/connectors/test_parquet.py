@@ -26,7 +26,8 @@ from connectors.parquet import (
     parse_interval,
 )
 from runner.batch import Batch
-from runner.connector import ConfigError, ConnectorContext, FatalError, TopicPartition
+from runner.connector import ConfigError, FatalError, TopicPartition
+from tests.connectors.tasks import context as shared_context
 from runner.schema.arrow import avro_to_arrow
 from tests.conftest import run_cli
 
@@ -60,14 +61,9 @@ NAME = re.compile(r"^activity\+(\d+)\+(\d{20})\+(\d{20})(?:\+(\d+)of(\d+))?\.par
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def context(tmp: Path, schemas: dict | None = None) -> ConnectorContext:
-    return ConnectorContext(
-        name="activity-out",
-        pipeline="p",
-        spec_dir=tmp,
-        state_dir=tmp / "state",
-        topics=("activity",),
-        schemas={"activity": SCHEMA} if schemas is None else schemas,
+def context(tmp: Path, schemas: dict | None = None):
+    return shared_context(
+        tmp, name="activity-out", topics=("activity",), schemas={"activity": SCHEMA} if schemas is None else schemas
     )
 
 
