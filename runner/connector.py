@@ -68,6 +68,8 @@ Errors
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -113,6 +115,13 @@ class ConnectorContext:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.spec_dir / p
 
+    def display(self, path: str | Path) -> str:
+        """A config path as a user finds it: resolved, and relative to the working
+        directory when it lies under it (for `target()`)."""
+        resolved = os.path.abspath(self.resolve(path))
+        relative = os.path.relpath(resolved)
+        return resolved if relative.startswith("..") else relative
+
 
 class _Connector:
     #: The name specs use in `connector:`. Unique per kind (a source and a sink may share).
@@ -131,6 +140,12 @@ class _Connector:
     @classmethod
     def settings(cls) -> list[SettingInfo]:
         return cls.Config.settings()
+
+    def target(self) -> str | None:
+        """Where this connector reads or writes — a path, a glob, a URL without credentials
+        — shown in the run summary so users find their data. None (the default) shows
+        nothing. Never include secrets."""
+        return None
 
 
 class SourceTask:
@@ -199,7 +214,10 @@ class SinkTask:
        `close` on a clean stop. If it raises, nothing is committed.
     4. `close()` — once, always. On a clean stop `flush` has run first. On abort (a fatal
        error elsewhere, a second signal) `close` runs without `flush`: discard what was
-       not flushed — it will be delivered again on restart.
+       not flushed — it will be delivered again on restart. A sink whose `flush` reports
+       offsets may write out what it still holds when closing after a clean stop and
+       return `{TopicPartition: next_offset}` again; the engine commits that, so the
+       consumer group shows no lag after a clean stop. Return None otherwise.
 
     A `kill -9` runs nothing: a sink must never leave half-written output that readers
     would take as committed (write to a temporary name and rename, use transactions, or
@@ -215,7 +233,7 @@ class SinkTask:
     async def flush(self) -> dict[TopicPartition, int] | None:
         return None
 
-    async def close(self) -> None:
+    async def close(self) -> dict[TopicPartition, int] | None:
         return None
 
 

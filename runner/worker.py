@@ -48,6 +48,7 @@ class Counters:
     dead_lettered: int = 0
     errors: int = 0  # data errors (dead-lettered or not)
     retries: int = 0
+    target: str | None = None  # where the connector reads or writes, from its target()
 
 
 @dataclass
@@ -307,8 +308,12 @@ class SinkRunner:
         finally:
             if not clean:
                 log.debug("%s: closing without flush (abort)", self.name)
-            await self.task.close()
-            await consumer.close()
+            try:
+                durable = await self.task.close()
+                if clean and durable:  # written out while closing after the final flush
+                    await consumer.commit(dict(durable))
+            finally:
+                await consumer.close()
 
     async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
         """Start where the sink says its output ends, if it keeps its own offsets."""

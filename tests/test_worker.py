@@ -115,6 +115,7 @@ class CollectSink(Sink):
         crash_on_put: int = setting(0, help="Raise RuntimeError from the Nth put (1-based).")
         put_delay: float = setting(0.0, help="Seconds each put takes.")
         durable_behind: int = setting(-1, help="flush() reports output durable only up to N records before the last put (-1: report nothing).")
+        close_writes: bool = setting(False, help="close() reports everything put as durable.")
 
     def task(self) -> SinkTask:
         return CollectTask(self.config)
@@ -166,8 +167,11 @@ class CollectTask(SinkTask):
             last[TopicPartition(b.topic, b.partition)] = b.last_offset + 1
         return {tp: max(0, end - self.config.durable_behind) for tp, end in last.items()}
 
-    async def close(self) -> None:
+    async def close(self):
         EVENTS.append(("close", None))
+        if self.config.close_writes:
+            return {TopicPartition(b.topic, b.partition): b.last_offset + 1 for b in COLLECTED}
+        return None
 
 
 def _plugin() -> types.ModuleType:
@@ -730,3 +734,12 @@ def test_a_sink_reporting_durable_offsets_gets_only_those_committed(tmp_path: Pa
     engine.run(spec, host, once=True)
     described = admin.describe_topics(spec, "events")[0]
     assert described.groups["pipeline-wt-out"] == {0: 5}  # 5 records put but not durable: lag
+
+
+def test_offsets_a_sink_reports_from_close_after_a_clean_stop_are_committed(tmp_path: Path, host) -> None:
+    write_script(tmp_path, chunks(events(40), 10))
+    config = {"durable_behind": 5, "close_writes": True}
+    spec = engine.check_spec(write_spec(tmp_path, partitions=1, sink_config=config), host)
+    engine.run(spec, host, once=True)
+    described = admin.describe_topics(spec, "events")[0]
+    assert described.groups["pipeline-wt-out"] == {0: 0}
