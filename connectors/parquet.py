@@ -62,8 +62,10 @@ Rotation and durability
   `rotate_records` records (or about `rotate_bytes` of Arrow memory) are written at once, in
   `put`. Bytes are measured as the Arrow in-memory size of the buffered batches
   (`RecordBatch.nbytes`), not the compressed Parquet size, which is typically several times
-  smaller. Since a group is split by directory, no file exceeds either limit; memory stays
-  under about `rotate_bytes` per assigned partition.
+  smaller. Since a group is split by directory, no file exceeds either limit.
+- `buffer_bytes` bounds the buffers of all assigned tps together: when their sum passes it,
+  the tp holding the most is written out whole, so memory stays under about `buffer_bytes`
+  however many partitions the sink is assigned.
 - `rotate_interval` (e.g. `15m`): a file holds records of one aligned record-time window
   (windows start at multiples of the interval since the epoch, UTC), so records of
   different windows go to different files even in one directory.
@@ -71,9 +73,10 @@ Rotation and durability
   than this is written out, so data lands promptly even on a slow topic.
 - `flush` returns `{tp: next offset durable in files}` for every assigned tp; the engine
   commits only that. `close` after a clean stop (the last call was `flush`) writes out what
-  is still buffered; after an abort (a `put` came after the last `flush`) it discards it —
-  either way the next start resumes from the files. The consumer group's committed offset
-  may therefore lag what the files hold after a clean stop; it is not used for resuming.
+  is still buffered and returns the new durable offsets, which the engine commits; after an
+  abort (a `put` came after the last `flush`) it discards it. Either way the next start
+  resumes from the files: the consumer group's committed offset is shown as lag, never used
+  for resuming.
 - If a write fails part-way the task writes nothing more (close discards); the next `open`
   repairs the output as after a crash.
 
@@ -223,6 +226,14 @@ class ParquetSink(Sink):
             min=1024,
             max=64 * 1024**3,
         )
+        buffer_bytes: int = setting(
+            64 * 1024 * 1024,
+            help="Arrow memory the buffers of all assigned partitions may take together; past "
+            "it, the partition holding the most is written out (bounds memory whatever the "
+            "partition count).",
+            min=1024,
+            max=64 * 1024**3,
+        )
         rotate_interval: str | None = setting(
             None,
             help="Record-time span of one file, like 30s, 15m, 1h or 1d (windows aligned to "
@@ -265,6 +276,10 @@ class ParquetSink(Sink):
                 raise ConfigError(problems)
             return config
 
+    def target(self) -> str:
+        topics = self.context.topics
+        return os.path.join(self.context.display(self.config.path), topics[0] if len(topics) == 1 else "")
+
     def task(self) -> SinkTask:
         c = self.config
         return ParquetSinkTask(
@@ -274,6 +289,7 @@ class ParquetSink(Sink):
             compression=None if c.compression == "none" else c.compression,
             rotate_records=c.rotate_records,
             rotate_bytes=c.rotate_bytes,
+            buffer_bytes=c.buffer_bytes,
             rotate_interval=parse_interval(c.rotate_interval) if c.rotate_interval else None,
             max_open_seconds=c.max_open_seconds,
             row_group_size=c.row_group_size,
@@ -403,6 +419,7 @@ class ParquetSinkTask(SinkTask):
         rotate_records: int,
         rotate_bytes: int,
         rotate_interval: int | None,
+        buffer_bytes: int | None = None,
         max_open_seconds: float,
         row_group_size: int | None,
         schemas: dict[str, dict] | None = None,
@@ -415,6 +432,7 @@ class ParquetSinkTask(SinkTask):
         self.compression = compression
         self.rotate_records = rotate_records
         self.rotate_bytes = rotate_bytes
+        self.buffer_bytes = buffer_bytes
         self.rotate_interval = rotate_interval if partition_by else None
         self.max_open_seconds = max_open_seconds
         self.row_group_size = row_group_size
@@ -460,6 +478,8 @@ class ParquetSinkTask(SinkTask):
             part.append(columns, offsets)
         if part.rows >= self.rotate_records or part.nbytes >= self.rotate_bytes:
             await asyncio.to_thread(self._write_due, tp)
+        if self.buffer_bytes and sum(p.nbytes for p in self.parts.values()) > self.buffer_bytes:
+            await asyncio.to_thread(self._write_largest)
         return None
 
     async def flush(self) -> dict[TopicPartition, int]:
@@ -470,9 +490,12 @@ class ParquetSinkTask(SinkTask):
         self.last_call = "flush"
         return {tp: part.durable for tp, part in self.parts.items()}
 
-    async def close(self) -> None:
+    async def close(self) -> dict[TopicPartition, int] | None:
         write = self.last_call in ("flush", None) and self.broken is None
+        durable = {tp: part.durable for tp, part in self.parts.items()}
         await asyncio.to_thread(self._close, write)
+        written = {tp: part.durable for tp, part in self.parts.items()}
+        return written if write and written != durable else None
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -571,6 +594,12 @@ class ParquetSinkTask(SinkTask):
             part = self.parts[tp]
             while n := part.due(self.rotate_records, self.rotate_bytes):
                 self._write_group(tp, part, n)
+
+    def _write_largest(self) -> None:
+        with self.lock:
+            tp, part = max(self.parts.items(), key=lambda item: item[1].nbytes)
+            if part.rows:
+                self._write_group(tp, part, part.rows)
 
     def _write_old(self) -> None:
         with self.lock:

@@ -54,6 +54,10 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     assert sorted(d["record"] for d in letters) == sorted(bad)
     assert all(re.search(r"access\.log[.\w]*:\d+$", d["position"]) for d in letters)
 
+    # The sink's consumer group has committed everything it wrote: no lag after a clean stop.
+    described = run_cli("topics", "describe", "activity", "--json", "--spec", spec, env=env)
+    assert [g["lag"] for g in json.loads(described.stdout)["groups"].values()] == [0], described.stdout
+
     # Exactly once: a second run adds nothing.
     again = run_cli("run", spec, "--once", env=env, timeout=300)
     assert again.returncode == 0, again.stderr

@@ -280,7 +280,7 @@ class EmbeddedBroker:
             conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only takes on a new file
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise FatalError(f"cannot put {self.db_path} in WAL mode")
-            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
+            conn.execute("PRAGMA cache_size = -16384")  # 16 MiB
             self._check_version(conn.execute("PRAGMA user_version").fetchone()[0])
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
             for id_, name, partitions in conn.execute("SELECT id, name, partitions FROM topics"):

@@ -299,6 +299,32 @@ def test_rotation_by_bytes_bounds_each_file(tmp_path: Path) -> None:
     assert ids(tmp_path / "out") == list(range(5000))
 
 
+def test_buffer_bytes_bounds_the_buffers_of_all_partitions_together(tmp_path: Path) -> None:
+    rows = records(0, 4000, step=dt.timedelta(milliseconds=1))
+    per_row = batch(rows).columns.nbytes / len(rows)
+    limit = 64 * 1024  # about 1,000 rows over four partitions; each alone stays under rotate_*
+    task = make_task(tmp_path, buffer_bytes=limit, max_open_seconds=3600)
+    tps = [TopicPartition("activity", p) for p in range(4)]
+    # Round robin: partition p gets rows p, p+4, p+8, ... at offsets 0, 1, 2, ...
+    by_part = {p: rows[p::4] for p in range(4)}
+
+    async def main() -> None:
+        await task.open(tps)
+        for start in range(0, 1000, 50):
+            for p, part_rows in by_part.items():
+                await task.put(batch(part_rows[start : start + 50], p, first=start))
+                buffered = sum(part.rows for part in task.parts.values())
+                assert buffered * per_row <= limit + 50 * per_row * 1.05
+        await task.flush()
+        await task.close()
+
+    run(main())
+    files = parquet_files(tmp_path / "out")
+    assert {int(NAME.match(f.name).group(1)) for f in files} == {0, 1, 2, 3}
+    assert len(files) > 4  # written before the end, not only at close
+    assert ids(tmp_path / "out") == list(range(4000))
+
+
 def test_rotation_by_record_time_interval(tmp_path: Path) -> None:
     assert [parse_interval(x) for x in ("30s", "15m", "1h", "2d", " 5 m ")] == [30, 900, 3600, 172800, 300]
     with pytest.raises(ValueError):
