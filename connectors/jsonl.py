@@ -50,6 +50,9 @@ class JsonlSource(Source):
             "(a following source never ends, so `run --once` does not either).",
         )
 
+    def target(self) -> str:
+        return " ".join(self.context.display(p) for p in self.config.paths)
+
     def tasks(self) -> list[SourceTask]:
         return [JsonlSourceTask(self.config, self.context.resolve)]
 
@@ -177,6 +180,9 @@ class JsonlSink(Sink):
 
     class Config(Config):
         path: str = setting(help="Directory for the output files (<topic>-<partition>.jsonl).")
+
+    def target(self) -> str:
+        return os.path.join(self.context.display(self.config.path), "")
 
     def task(self) -> SinkTask:
         return JsonlSinkTask(self.context.resolve(self.config.path))

@@ -149,9 +149,13 @@ class _Progress:
 def _summary(spec: Spec, result: engine.RunResult, failed: bool = False) -> None:
     how = "failed" if failed else "stopped by signal" if result.stopped_by_signal else "finished"
     click.echo(f"pipeline {spec.name!r} {how} in {result.elapsed:.1f}s", err=True)
-    rows = [("connector", "kind", "in", "out", "dead-lettered", "errors")]
+    rows = [("connector", "kind", "in", "out", "dead-lettered", "errors", "where")]
     for c in result.counters:
-        rows.append((c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.dead_lettered:,}", f"{c.errors:,}"))
+        rows.append(
+            (c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.dead_lettered:,}", f"{c.errors:,}", c.target or "")
+        )
+    if not any(c.target for c in result.counters):
+        rows = [r[:-1] for r in rows]
     _table(rows, err=True)
 
 

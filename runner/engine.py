@@ -238,7 +238,7 @@ class Pipeline:
         runners = []
         for entry in self.spec.sources:
             source = self._build("source", entry, [entry.topic])
-            counters = Counters(entry.name, "source")
+            counters = Counters(entry.name, "source", target=source.target())
             self.counters.append(counters)
             for task in source.tasks():
                 runners.append(
@@ -250,7 +250,7 @@ class Pipeline:
         runners = []
         for entry in self.spec.sinks:
             sink = self._build("sink", entry, entry.topics)
-            counters = Counters(entry.name, "sink")
+            counters = Counters(entry.name, "sink", target=sink.target())
             self.counters.append(counters)
             runners.append(
                 SinkRunner(

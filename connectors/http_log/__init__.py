@@ -119,6 +119,9 @@ class HttpLogSource(Source):
                 raise ConfigError(problems)
             return config
 
+    def target(self) -> str:
+        return " ".join(self.context.display(p) for p in self.config.paths)
+
     def tasks(self) -> list[SourceTask]:
         return [HttpLogSourceTask(self.config, [str(self.context.resolve(p)) for p in self.config.paths])]
 
