@@ -33,6 +33,7 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     spec = REPO / "pipelines" / "activity-tracking.yaml"
     result = run_cli("run", spec, "--once", env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert f"{tmp_path}/out/activity" in result.stderr, "the summary says where the Parquet files are"
 
     lines = bundled_lines()
     good = [l for l in lines if COMBINED.match(l)]
