@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -257,6 +258,25 @@ def test_example_pipeline_round_trip(tmp_path: Path) -> None:
     dlq = run_cli("consume", "orders-dlq", "--from-beginning", "--spec", spec, env=env)
     letters = [json.loads(l) for l in dlq.stdout.splitlines()]
     assert sorted(d["position"].rsplit(":", 1)[1] for d in letters) == ["121", "50", "91"]
+
+
+def test_consume_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`pipeline consume ... | head -1`: the reader leaves early; no traceback, exit 141."""
+    import subprocess
+
+    from tests.conftest import pipeline_exe
+
+    env = {**os.environ, "PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    spec = REPO / "pipelines" / "jsonl-roundtrip.yaml"
+    assert run_cli("run", spec, "--once", env=env).returncode == 0
+    proc = subprocess.Popen(
+        [pipeline_exe(), "consume", "orders", "--from-beginning", "--spec", str(spec)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert json.loads(proc.stdout.readline())
+    proc.stdout.close()  # like `head -1` exiting
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
 
 
 def _simple_spec(tmp_path: Path, extra: str = "", sink_path: str = "out") -> Path:
