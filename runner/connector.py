@@ -69,7 +69,6 @@ Errors
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
