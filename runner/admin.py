@@ -86,7 +86,7 @@ def consume(
                     hint=f"topics: {', '.join(sorted(names)) or 'none'}",
                 )
             decoder = AvroDecoder(registry.schema_by_id)
-            consumer = await broker.consumer("pipeline-console", [topic])
+            consumer = await broker.consumer(None, [topic])  # no group: reads, never commits
             ends = await broker.end_offsets(topic)
             for tp in await consumer.assignment():
                 await consumer.seek(tp, 0 if from_beginning else ends[tp.partition])

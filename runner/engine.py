@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from runner.broker.base import Broker
 from runner.broker.embedded import EmbeddedBroker
+from runner.broker.kafka import KafkaBroker, KafkaOptions
 from runner.config import ConfigError
 from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
@@ -50,11 +51,16 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         return []
 
     spec = load_spec(path, check_connector=check_connector)
-    if spec.broker.kind != "embedded":
-        raise SpecError([Problem(
-            f"broker {spec.broker.kind!r} is not available in this version; use `broker: embedded`",
-            path="broker", file=str(path), line=spec.line_of("broker"),
-        )])
+    if spec.broker.kind == "kafka":
+        try:
+            KafkaOptions.parse(spec.broker.options)
+        except ConfigError as exc:
+            problems = []
+            for key, message in exc.problems:
+                where = f"broker.kafka.{key}" if key else "broker.kafka"
+                line = spec.line_of(where) or spec.line_of("broker")
+                problems.append(Problem(message, path=where, file=str(path), line=line))
+            raise SpecError(problems) from None
     return spec
 
 
@@ -66,12 +72,9 @@ def load_for_inspection(path: str | os.PathLike) -> Spec:
 
 
 def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
-    if spec.broker.kind == "embedded":
-        return EmbeddedBroker(spec.state_dir, read_only=read_only)
-    raise FatalError(
-        f"broker {spec.broker.kind!r} is not available in this version",
-        hint="use `broker: embedded` (the default)",
-    )
+    if spec.broker.kind == "kafka":
+        return KafkaBroker(spec.broker.options, spec.name, read_only=read_only)
+    return EmbeddedBroker(spec.state_dir, read_only=read_only)
 
 
 def open_registry(spec: Spec, *, must_exist: bool = False) -> SchemaRegistry:

@@ -719,6 +719,12 @@ def _retype(text: str) -> Any:
     as if it had been written in place of the `${...}` expression."""
     if not text:
         return text  # an empty substitution stays an empty string rather than null
+    if text.lstrip()[:1] in ("{", "["):
+        # A flow mapping or list, e.g. PIPELINE_BROKER='{kafka: {bootstrap_servers: "k:9092"}}'.
+        try:
+            return _safe_yaml.load(text)
+        except Exception:
+            return text  # not YAML after all: the checks report the text where it is used
     if _resolver.resolve(ScalarNode, text, (True, False)) == _STR_TAG:
         return text
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kafka_broker import kafka  # noqa: F401  (the `kafka` fixture: a real broker)
+
 BIN = Path(sys.executable).parent
 
 

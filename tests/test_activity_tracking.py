@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from tests.conftest import run_cli
+from tests.kafka_broker import CONSUMER
 
 REPO = Path(__file__).resolve().parents[1]
 LOGS = REPO / "pipelines" / "logs"
@@ -28,8 +30,12 @@ def bundled_lines() -> list[str]:
     return lines
 
 
-def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["embedded", "kafka"])
+def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_path: Path, broker: str, request) -> None:
     env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    if broker == "kafka":  # the same spec on a real Kafka-protocol broker
+        bootstrap = request.getfixturevalue("kafka").bootstrap
+        env["PIPELINE_BROKER"] = json.dumps({"kafka": {"bootstrap_servers": bootstrap, "consumer": CONSUMER}})
     spec = REPO / "pipelines" / "activity-tracking.yaml"
     result = run_cli("run", spec, "--once", env=env, timeout=300)
     assert result.returncode == 0, result.stderr

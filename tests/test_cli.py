@@ -351,7 +351,24 @@ def test_read_side_commands_do_not_create_state_and_unknown_names_exit_2(tmp_pat
     assert bad_version.returncode == 2 and "Traceback" not in bad_version.stderr
 
 
-def test_kafka_broker_is_refused_by_validate(tmp_path: Path) -> None:
-    spec = _simple_spec(tmp_path, 'broker: {kafka: {bootstrap_servers: "127.0.0.1:9092"}}\n')
-    result = run_cli("validate", spec)
-    assert result.returncode == 2 and f"{spec}:8:" in result.stderr and "not available" in result.stderr
+def test_validate_checks_kafka_options_and_never_prints_the_password(tmp_path: Path) -> None:
+    env = {"KAFKA_PASSWORD": "s3cret-pw"}
+    ok = _simple_spec(
+        tmp_path,
+        'broker: {kafka: {bootstrap_servers: "127.0.0.1:9092", security: {protocol: SASL_SSL, '
+        'sasl_mechanism: SCRAM-SHA-512, username: u, password: "${KAFKA_PASSWORD}"}}}\n',
+    )
+    result = run_cli("validate", ok, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "broker kafka" in result.stdout and "s3cret-pw" not in result.stdout + result.stderr
+
+    bad = _simple_spec(
+        tmp_path,
+        "broker:\n  kafka:\n    bootstrap_servers: 127.0.0.1:9092\n    clientid: x\n"
+        '    security: {protocol: SASL_SSL, username: u, password: "${KAFKA_PASSWORD}"}\n',
+    )
+    result = run_cli("validate", bad, env=env)
+    assert result.returncode == 2
+    assert f"{bad}:11: broker.kafka.clientid" in result.stderr and "client_id" in result.stderr
+    assert f"{bad}:12: broker.kafka.security" in result.stderr and "sasl_mechanism" in result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr

@@ -501,7 +501,7 @@ class EmbeddedBroker:
 
     # -- consumer groups -----------------------------------------------------------
 
-    async def consumer(self, group: str, topics: list[str]) -> EmbeddedConsumer:
+    async def consumer(self, group: str | None, topics: list[str]) -> EmbeddedConsumer:
         self._check_started()
         resolved = [await self._topic(name) for name in dict.fromkeys(topics)]
         positions: dict[TopicPartition, int] = {}
@@ -547,7 +547,7 @@ class EmbeddedConsumer:
     def __init__(
         self,
         broker: EmbeddedBroker,
-        group: str,
+        group: str | None,
         topics: list[_Topic],
         positions: dict[TopicPartition, int],
         conn: _Conn,

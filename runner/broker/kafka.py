@@ -1,0 +1,443 @@
+"""The Kafka broker: the same interface as the embedded one, on a Kafka cluster (aiokafka).
+
+Spec::
+
+    broker:
+      kafka:
+        bootstrap_servers: "kafka1:9092,kafka2:9092"
+        client_id: pipeline
+        security: {protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512,
+                   username: "${KAFKA_USER}", password: "${KAFKA_PASSWORD}", ssl_cafile: ca.pem}
+        producer: {linger_ms: 5}            # passed to AIOKafkaProducer
+        consumer: {session_timeout_ms: 10000}  # passed to AIOKafkaConsumer
+
+- Producing goes through aiokafka's batch path (`create_batch` / `send_batch`, one call per
+  topic-partition batch rather than one `send` per record) with `acks=all`; `produce`
+  returns when every batch is acknowledged. Partitions are chosen by the worker with Kafka's
+  default partitioner (murmur2), so other clients agree on where a key lives.
+- Sinks consume in a consumer group; offsets are committed only as the worker says (after a
+  sink's flush), never automatically.
+- Source offsets live in a compacted topic (`offsets_topic`, default `_pipeline_offsets`),
+  keyed by `[pipeline, connector, source partition]` as JSON, like Kafka Connect's
+  `connect-offsets`. They are written after the records they describe are acknowledged:
+  a crash in between sends those records again (at least once from source to topic).
+- Secrets (`security.password`) are never shown: not in errors, `validate` or summaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import TopicPartition as KafkaTP
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from runner.broker.base import (
+    FetchedBatch,
+    ProduceBatch,
+    SourceOffsetCommit,
+    TopicInfo,
+    TopicPartition,
+)
+from runner.config import Config, ConfigError, setting
+from runner.errors import FatalError, RetryableError
+
+log = logging.getLogger("pipeline.kafka")
+
+
+class SecurityOptions(Config):
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = setting(
+        "PLAINTEXT", help="How clients talk to the brokers."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = setting(
+        None, help="SASL mechanism (SASL_* protocols)."
+    )
+    username: str | None = setting(None, help="SASL user name.")
+    password: str | None = setting(None, help="SASL password; write it as ${ENV_VAR}.", secret=True)
+    ssl_cafile: str | None = setting(None, help="CA bundle to verify the brokers (SSL protocols).")
+    ssl_certfile: str | None = setting(None, help="Client certificate (mutual TLS).")
+    ssl_keyfile: str | None = setting(None, help="Client certificate's key (mutual TLS).")
+    ssl_check_hostname: bool = setting(True, help="Check the brokers' host names against their certificates.")
+
+
+class KafkaOptions(Config):
+    bootstrap_servers: str = setting(help="Comma-separated host:port of some brokers of the cluster.")
+    client_id: str = setting("pipeline", help="Client id shown in the brokers' logs and metrics.")
+    security: dict[str, Any] = setting({}, help="TLS and SASL settings (see SecurityOptions).")
+    producer: dict[str, Any] = setting({}, help="Extra AIOKafkaProducer settings (linger_ms, compression_type, ...).")
+    consumer: dict[str, Any] = setting({}, help="Extra AIOKafkaConsumer settings (session_timeout_ms, ...).")
+    replication_factor: int = setting(1, help="Replication factor of the topics pipeline creates.", min=1, max=100)
+    offsets_topic: str = setting("_pipeline_offsets", help="Compacted topic holding the source offsets.")
+    request_timeout_ms: int = setting(30_000, help="How long a request may wait for the cluster.", min=100)
+
+    @classmethod
+    def parse(cls, mapping: dict[str, Any] | None) -> KafkaOptions:
+        problems: list[tuple[str, str]] = []
+        try:
+            options = super().parse(mapping)
+        except ConfigError as exc:
+            problems, options = list(exc.problems), None
+        security = (mapping or {}).get("security")
+        if isinstance(security, dict):
+            try:
+                checked = SecurityOptions.parse(security)
+                if checked.protocol.startswith("SASL_") and not (checked.sasl_mechanism and checked.username and checked.password):
+                    problems.append(("security", f"{checked.protocol} needs sasl_mechanism, username and password"))
+            except ConfigError as exc:
+                problems += [(f"security.{k}" if k else "security", m) for k, m in exc.problems]
+        if problems:
+            raise ConfigError(problems)
+        return options
+
+    def security_options(self) -> SecurityOptions:
+        return SecurityOptions.parse(self.security)
+
+
+def client_settings(options: KafkaOptions) -> dict[str, Any]:
+    """The connection settings every aiokafka client of this cluster gets."""
+    sec = options.security_options()
+    settings: dict[str, Any] = {
+        "bootstrap_servers": options.bootstrap_servers,
+        "client_id": options.client_id,
+        "security_protocol": sec.protocol,
+        "request_timeout_ms": options.request_timeout_ms,
+    }
+    if sec.protocol in ("SSL", "SASL_SSL"):
+        context = create_ssl_context(cafile=sec.ssl_cafile, certfile=sec.ssl_certfile, keyfile=sec.ssl_keyfile)
+        context.check_hostname = sec.ssl_check_hostname
+        settings["ssl_context"] = context
+    if sec.protocol.startswith("SASL_"):
+        settings.update(
+            sasl_mechanism=sec.sasl_mechanism,
+            sasl_plain_username=sec.username,
+            sasl_plain_password=sec.password,
+        )
+    return settings
+
+
+def _error(exc: BaseException, doing: str) -> Exception:
+    """A Kafka error as ours: retriable ones (leader moved, broker away) are retried by the
+    worker with backoff; the rest stop the run. Never includes the settings (secrets)."""
+    if isinstance(exc, KafkaError) and exc.retriable:
+        return RetryableError(f"kafka: {doing}: {type(exc).__name__}: {exc}")
+    return FatalError(f"kafka: {doing}: {type(exc).__name__}: {exc}")
+
+
+class KafkaBroker:
+    def __init__(self, options: dict[str, Any], pipeline: str, *, read_only: bool = False) -> None:
+        self.options = KafkaOptions.parse(options)
+        self.pipeline = pipeline
+        self.read_only = read_only
+        self.settings = client_settings(self.options)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: dict[str, int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self._admin = AIOKafkaAdminClient(**self.settings)
+            await self._admin.start()
+            if not self.read_only:
+                self._producer = AIOKafkaProducer(
+                    **self.settings, acks="all", **dict(self.options.producer)
+                )
+                await self._producer.start()
+        except Exception as exc:
+            await self.close()
+            raise FatalError(
+                f"cannot reach Kafka at {self.options.bootstrap_servers}: {type(exc).__name__}: {exc}",
+                hint="check broker.kafka.bootstrap_servers and that the cluster is up",
+            ) from exc
+
+    async def close(self) -> None:
+        for client, stop in ((self._producer, "stop"), (self._admin, "close")):
+            if client is not None:
+                try:
+                    await getattr(client, stop)()
+                except Exception:  # closing: nothing left to save
+                    log.debug("closing a Kafka client failed", exc_info=True)
+        self._producer = self._admin = None
+
+    # -- topics --------------------------------------------------------------------------
+
+    async def _describe(self, names: list[str]) -> dict[str, int]:
+        """Partition counts of the topics among `names` that exist."""
+        assert self._admin is not None
+        try:
+            # Listed first: describing a missing topic may auto-create it on some brokers.
+            existing = set(await self._admin.list_topics())
+            names = [n for n in names if n in existing]
+            described = await self._admin.describe_topics(names) if names else []
+        except Exception as exc:
+            raise _error(exc, f"describe topics {names}") from exc
+        return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0 and t["partitions"]}
+
+    async def ensure_topic(self, name: str, partitions: int, *, compact: bool = False) -> None:
+        existing = (await self._describe([name])).get(name)
+        if existing is None:
+            assert self._admin is not None
+            configs = {"cleanup.policy": "compact"} if compact else {}
+            try:
+                await self._admin.create_topics(
+                    [NewTopic(name, partitions, self.options.replication_factor, topic_configs=configs)]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process of this pipeline created it first
+            except Exception as exc:
+                raise _error(exc, f"create topic {name!r}") from exc
+            existing = await self._wait_for_topic(name)
+        if existing != partitions:
+            raise FatalError(
+                f"topic {name!r} exists on the Kafka cluster with {existing} partition(s), "
+                f"the spec says {partitions}",
+                hint="change `partitions` in the spec, or add partitions to the topic with "
+                "Kafka's tools (keys then move to other partitions)",
+            )
+        self._partitions[name] = existing
+
+    async def _wait_for_topic(self, name: str) -> int:
+        for _ in range(100):  # metadata may lag the creation briefly
+            found = (await self._describe([name])).get(name)
+            if found:
+                return found
+            await asyncio.sleep(0.1)
+        raise RetryableError(f"kafka: topic {name!r} was created but does not show in the metadata yet")
+
+    async def topics(self) -> list[TopicInfo]:
+        assert self._admin is not None
+        try:
+            names = [n for n in await self._admin.list_topics() if not n.startswith("_") and n != self.options.offsets_topic]
+        except Exception as exc:
+            raise _error(exc, "list topics") from exc
+        counts = await self._describe(sorted(names)) if names else {}
+        return [TopicInfo(n, c, await self.end_offsets(n)) for n, c in sorted(counts.items())]
+
+    async def _partition_count(self, topic: str) -> int:
+        if topic not in self._partitions:
+            count = (await self._describe([topic])).get(topic)
+            if count is None:
+                raise FatalError(f"topic {topic!r} does not exist on the Kafka cluster")
+            self._partitions[topic] = count
+        return self._partitions[topic]
+
+    async def end_offsets(self, topic: str) -> list[int]:
+        """Next offset per partition: the high watermark a fetch reports.
+
+        (ListOffsets alone is not used as the answer: some Kafka-protocol brokers, among
+        them the Tansu build the tests run, answer it with the last batch's base offset
+        + 1. The fetch's high watermark is right on all of them; ListOffsets gives the
+        place to fetch from.)"""
+        count = await self._partition_count(topic)
+        tps = [KafkaTP(topic, p) for p in range(count)]
+        probe = AIOKafkaConsumer(**self.settings, enable_auto_commit=False)
+        try:
+            await probe.start()
+            listed = await probe.end_offsets(tps)
+            probe.assign([tp for tp in tps if listed[tp] > 0])
+            ends = {tp: 0 for tp in tps}
+            waiting = {tp for tp in tps if listed[tp] > 0}
+            for tp in waiting:
+                probe.seek(tp, listed[tp] - 1)
+            for _ in range(50):
+                if not waiting:
+                    break
+                await probe.getmany(*waiting, timeout_ms=100, max_records=1)
+                for tp in list(waiting):
+                    high = probe.highwater(tp)
+                    if high is not None:
+                        ends[tp] = max(high, listed[tp])
+                        waiting.discard(tp)
+            for tp in waiting:  # no fetch answer in time: ListOffsets is all there is
+                ends[tp] = listed[tp]
+            return [ends[tp] for tp in tps]
+        except Exception as exc:
+            raise _error(exc, f"end offsets of {topic!r}") from exc
+        finally:
+            await probe.stop()
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def produce(self, batches: list[ProduceBatch], source_offsets: SourceOffsetCommit | None = None) -> None:
+        assert self._producer is not None, "broker opened read-only"
+        try:
+            futures = []
+            for b in batches:
+                futures += await self._send(b)
+            if futures:
+                await asyncio.gather(*futures)
+            if source_offsets is not None and source_offsets.offsets:
+                offsets = await self._offsets_batch(source_offsets)
+                await asyncio.gather(*await self._send(offsets))
+        except (FatalError, RetryableError):
+            raise
+        except Exception as exc:
+            raise _error(exc, "produce") from exc
+
+    async def _send(self, b: ProduceBatch) -> list[asyncio.Future]:
+        """Send one topic-partition's records as few Kafka batches as fit; the futures of
+        their acknowledgements."""
+        assert self._producer is not None
+        futures = []
+        headers = b.headers or [None] * len(b.values)
+        batch = self._producer.create_batch()
+        for key, value, ts, hs in zip(b.keys, b.values, b.timestamps, headers):
+            items = list(hs.items()) if hs else None
+            if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
+                batch.close()
+                futures.append(await self._producer.send_batch(batch, b.topic, partition=b.partition))
+                batch = self._producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
+                    raise FatalError(f"a record of {b.topic!r} is larger than the producer's max batch size")
+        if batch.record_count():
+            batch.close()
+            futures.append(await self._producer.send_batch(batch, b.topic, partition=b.partition))
+        return futures
+
+    async def _offsets_batch(self, commit: SourceOffsetCommit) -> ProduceBatch:
+        topic = self.options.offsets_topic
+        if topic not in self._partitions:
+            await self.ensure_topic(topic, 1, compact=True)
+        keys = [json.dumps([self.pipeline, commit.connector, p]).encode() for p in commit.offsets]
+        values = [json.dumps(o).encode() for o in commit.offsets.values()]
+        return ProduceBatch(topic, 0, keys, values, [None] * len(keys))  # type: ignore[list-item]
+
+    async def source_offsets(self, connector: str) -> dict[str, Any]:
+        """The latest stored offset of each source partition of `connector`: the offsets
+        topic read from its start to its end."""
+        topic = self.options.offsets_topic
+        if not (await self._describe([topic])).get(topic):
+            return {}
+        self._partitions[topic] = 1
+        end = (await self.end_offsets(topic))[0]
+        found: dict[str, Any] = {}
+        reader = AIOKafkaConsumer(**self.settings, enable_auto_commit=False)
+        tp = KafkaTP(topic, 0)
+        try:
+            await reader.start()
+            reader.assign([tp])
+            reader.seek(tp, 0)
+            while await reader.position(tp) < end:
+                for records in (await reader.getmany(tp, timeout_ms=1000)).values():
+                    for r in records:
+                        pipeline, name, partition = json.loads(r.key)
+                        if pipeline == self.pipeline and name == connector:
+                            found[partition] = json.loads(r.value) if r.value is not None else None
+        except Exception as exc:
+            raise _error(exc, f"read source offsets of {connector!r}") from exc
+        finally:
+            await reader.stop()
+        return {p: o for p, o in found.items() if o is not None}
+
+    # -- consumer groups -----------------------------------------------------------------
+
+    async def consumer(self, group: str | None, topics: list[str]) -> KafkaConsumer:
+        consumer = KafkaConsumer(self, group, topics)
+        await consumer.start()
+        return consumer
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        # Through a consumer of the group that does not join it (OffsetFetch), which every
+        # Kafka-protocol broker answers; the admin client's variant is not understood by all.
+        count = await self._partition_count(topic)
+        reader = AIOKafkaConsumer(**self.settings, group_id=group, enable_auto_commit=False)
+        try:
+            await reader.start()
+            offsets = {p: await reader.committed(KafkaTP(topic, p)) for p in range(count)}
+        except Exception as exc:
+            raise _error(exc, f"committed offsets of group {group!r}") from exc
+        finally:
+            await reader.stop()
+        return {p: off for p, off in offsets.items() if off is not None and off >= 0}
+
+    async def groups(self, topic: str) -> list[str]:
+        assert self._admin is not None
+        try:
+            listed = await self._admin.list_consumer_groups()
+        except Exception as exc:
+            raise _error(exc, "list consumer groups") from exc
+        return sorted([group for group, *_ in listed if await self.committed(group, topic)])
+
+
+class KafkaConsumer:
+    """A member of a Kafka consumer group, as the worker's Consumer."""
+
+    def __init__(self, broker: KafkaBroker, group: str | None, topics: list[str]) -> None:
+        self.broker = broker
+        self.group = group
+        self.topics = list(dict.fromkeys(topics))
+        settings = {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, **dict(broker.options.consumer)}
+        self._consumer = AIOKafkaConsumer(
+            *(self.topics if group is not None else ()),
+            **broker.settings,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **settings,
+        )
+        self._join_timeout = settings["session_timeout_ms"] / 1000 * 3
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+            if self.group is None:
+                self._consumer.assign([
+                    KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
+                ])
+                return
+            # The group's first assignment: joining takes a rebalance round.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._join_timeout
+            while not self._consumer.assignment():
+                if loop.time() > deadline:
+                    raise RetryableError("kafka: no partitions assigned by the consumer group in time")
+                await asyncio.sleep(0.05)
+        except Exception:
+            await self._consumer.stop()
+            raise
+
+    async def assignment(self) -> list[TopicPartition]:
+        return sorted(TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(KafkaTP(tp.topic, tp.partition), offset)
+
+    async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        try:
+            got = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        except Exception as exc:
+            raise _error(exc, "fetch") from exc
+        out = []
+        for tp, records in got.items():
+            if not records:
+                continue
+            out.append(
+                FetchedBatch(
+                    tp.topic,
+                    tp.partition,
+                    [r.offset for r in records],
+                    [r.key for r in records],
+                    [r.value for r in records],
+                    [r.timestamp for r in records],
+                    [dict(r.headers) for r in records] if any(r.headers for r in records) else None,
+                )
+            )
+        return out
+
+    async def position(self, tp: TopicPartition) -> int:
+        return await self._consumer.position(KafkaTP(tp.topic, tp.partition))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await self._consumer.commit({KafkaTP(tp.topic, tp.partition): off for tp, off in offsets.items()})
+        except Exception as exc:
+            raise _error(exc, "commit") from exc
+
+    async def close(self) -> None:
+        await self._consumer.stop()
