@@ -205,6 +205,17 @@ def test_env_interpolation(tmp_path: pathlib.Path) -> None:
     assert spec.sources[0].config["follow"] is False
 
 
+def test_a_whole_value_substitution_may_be_a_flow_mapping_or_list(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, MINIMAL + "broker: ${PIPELINE_BROKER:-embedded}\n")
+    assert load_spec(path, env={}).broker == BrokerSpec("embedded", {})
+    env = {"PIPELINE_BROKER": '{kafka: {bootstrap_servers: "k:9092", consumer: {session_timeout_ms: 6000}}}'}
+    spec = load_spec(path, env=env)
+    assert spec.broker == BrokerSpec("kafka", {"bootstrap_servers": "k:9092", "consumer": {"session_timeout_ms": 6000}})
+    # Not YAML after all: the text stays, and the broker check reports it on its line.
+    [p] = problems(path, env={"PIPELINE_BROKER": "{kafka: [unclosed"})
+    assert (p.line, p.path) == (9, "broker") and "{kafka: [unclosed" in p.message
+
+
 def test_env_defaults_to_os_environ(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
