@@ -34,7 +34,7 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from runner.broker.base import (
@@ -120,12 +120,24 @@ def client_settings(options: KafkaOptions) -> dict[str, Any]:
     return settings
 
 
+def _reason(exc: BaseException) -> str:
+    """aiokafka's message, without its repeated type name or Python reprs of addresses."""
+    if isinstance(exc, KafkaConnectionError):
+        return "no broker answered"
+    text = str(exc)
+    name = type(exc).__name__
+    text = text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
+    return f"{name}: {text}" if text else name
+
+
 def _error(exc: BaseException, doing: str) -> Exception:
     """A Kafka error as ours: retriable ones (leader moved, broker away) are retried by the
     worker with backoff; the rest stop the run. Never includes the settings (secrets)."""
+    if isinstance(exc, (RetryableError, FatalError)):
+        return exc
     if isinstance(exc, KafkaError) and exc.retriable:
-        return RetryableError(f"kafka: {doing}: {type(exc).__name__}: {exc}")
-    return FatalError(f"kafka: {doing}: {type(exc).__name__}: {exc}")
+        return RetryableError(f"kafka: {doing}: {_reason(exc)}")
+    return FatalError(f"kafka: {doing}: {_reason(exc)}")
 
 
 class KafkaBroker:
@@ -149,10 +161,12 @@ class KafkaBroker:
                     **self.settings, acks="all", **dict(self.options.producer)
                 )
                 await self._producer.start()
-        except Exception as exc:
+        except BaseException as exc:
             await self.close()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the clients are closed, nothing to report
             raise FatalError(
-                f"cannot reach Kafka at {self.options.bootstrap_servers}: {type(exc).__name__}: {exc}",
+                f"cannot reach Kafka at {self.options.bootstrap_servers}: {_reason(exc)}",
                 hint="check broker.kafka.bootstrap_servers and that the cluster is up",
             ) from exc
 
@@ -213,7 +227,10 @@ class KafkaBroker:
     async def topics(self) -> list[TopicInfo]:
         assert self._admin is not None
         try:
-            names = [n for n in await self._admin.list_topics() if not n.startswith("_") and n != self.options.offsets_topic]
+            names = [
+                n for n in await self._admin.list_topics()
+                if not n.startswith("__") and n != self.options.offsets_topic  # Kafka's own, ours
+            ]
         except Exception as exc:
             raise _error(exc, "list topics") from exc
         counts = await self._describe(sorted(names)) if names else {}
@@ -323,12 +340,19 @@ class KafkaBroker:
             await reader.start()
             reader.assign([tp])
             reader.seek(tp, 0)
+            idle = 0
             while await reader.position(tp) < end:
-                for records in (await reader.getmany(tp, timeout_ms=1000)).values():
+                got = await reader.getmany(tp, timeout_ms=1000)
+                idle = 0 if got else idle + 1
+                if idle >= 30:
+                    raise RetryableError(f"kafka: {topic!r} gave no records for 30 s below its end offset {end}")
+                for records in got.values():
                     for r in records:
                         pipeline, name, partition = json.loads(r.key)
                         if pipeline == self.pipeline and name == connector:
                             found[partition] = json.loads(r.value) if r.value is not None else None
+        except RetryableError:
+            raise
         except Exception as exc:
             raise _error(exc, f"read source offsets of {connector!r}") from exc
         finally:
@@ -373,9 +397,12 @@ class KafkaConsumer:
         self.group = group
         self.topics = list(dict.fromkeys(topics))
         settings = {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, **dict(broker.options.consumer)}
+        client = dict(broker.settings)
+        # A JoinGroup request may take up to the session timeout to be answered.
+        client["request_timeout_ms"] = max(client["request_timeout_ms"], settings["session_timeout_ms"] + 5_000)
         self._consumer = AIOKafkaConsumer(
             *(self.topics if group is not None else ()),
-            **broker.settings,
+            **client,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -385,28 +412,34 @@ class KafkaConsumer:
 
     async def start(self) -> None:
         try:
-            await self._consumer.start()
+            # With a group, aiokafka's start() returns once the group has assigned partitions
+            # (a rebalance round); it has no time limit of its own.
+            await asyncio.wait_for(self._consumer.start(), self._join_timeout)
             if self.group is None:
                 self._consumer.assign([
                     KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
                 ])
-                return
-            # The group's first assignment: joining takes a rebalance round.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._join_timeout
-            while not self._consumer.assignment():
-                if loop.time() > deadline:
-                    raise RetryableError("kafka: no partitions assigned by the consumer group in time")
-                await asyncio.sleep(0.05)
-        except Exception:
-            await self._consumer.stop()
-            raise
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, TimeoutError):
+                raise RetryableError(
+                    f"kafka: consumer group {self.group!r} assigned no partitions within {self._join_timeout:.0f} s"
+                ) from None
+            if not isinstance(exc, Exception):
+                raise
+            raise _error(exc, "start a consumer") from exc
+
+    def _assigned(self, tp: TopicPartition) -> KafkaTP:
+        ktp = KafkaTP(tp.topic, tp.partition)
+        if ktp not in self._consumer.assignment():
+            raise FatalError(f"{tp} is not assigned to this consumer of group {self.group!r}")
+        return ktp
 
     async def assignment(self) -> list[TopicPartition]:
         return sorted(TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment())
 
     async def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(KafkaTP(tp.topic, tp.partition), offset)
+        self._consumer.seek(self._assigned(tp), offset)
 
     async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
         try:
@@ -431,7 +464,7 @@ class KafkaConsumer:
         return out
 
     async def position(self, tp: TopicPartition) -> int:
-        return await self._consumer.position(KafkaTP(tp.topic, tp.partition))
+        return await self._consumer.position(self._assigned(tp))
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -440,4 +473,10 @@ class KafkaConsumer:
             raise _error(exc, "commit") from exc
 
     async def close(self) -> None:
-        await self._consumer.stop()
+        # One loop turn first: stopping a consumer whose coordinator task has not run yet
+        # raises CancelledError out of aiokafka (aio-libs/aiokafka#647).
+        await asyncio.sleep(0)
+        try:
+            await self._consumer.stop()
+        except Exception:  # closing: nothing left to save
+            log.debug("closing a Kafka consumer failed", exc_info=True)
