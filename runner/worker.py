@@ -295,14 +295,24 @@ class SinkRunner:
 
     async def _run(self) -> None:
         consumer = await self.broker.consumer(self.group, list(self.topics))
-        queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
+        queue: asyncio.Queue[Batch | _Skip | None] = asyncio.Queue(QUEUE_BATCHES)
+        self._consumer, self._queue = consumer, queue
+        # What the put half has done since the last flush; shared with the rebalance
+        # callbacks, which run between two puts (the lock).
+        self._positions: dict[TopicPartition, int] = {}  # put since the last flush
+        self._put_to: dict[TopicPartition, int] = {}  # everything put so far
+        self._pending = 0
+        self._lock = asyncio.Lock()
+        self._failure: BaseException | None = None  # raised in a rebalance callback
         clean = False
         try:
-            assignment = await consumer.assignment()
-            resume = await self.task.open(assignment)
+            self._assigned = set(await consumer.assignment())
+            resume = await self.task.open(sorted(self._assigned))
             await self._resume(consumer, resume or {})
+            log.info("%s: assigned %s", self.name, ", ".join(map(str, sorted(self._assigned))) or "nothing")
+            consumer.on_rebalance(self._revoked, self._assigned_again)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._fetch(consumer, queue, assignment))
+                group.create_task(self._fetch(consumer, queue))
                 group.create_task(self._put(consumer, queue))
             clean = True
         finally:
@@ -313,7 +323,37 @@ class SinkRunner:
                 if clean and durable:  # written out while closing after the final flush
                     await consumer.commit(dict(durable))
             finally:
+                consumer.on_rebalance(None, None)
                 await consumer.close()
+
+    # A consumer-group rebalance (Kafka: another process of the pipeline joined or left).
+    # Before partitions are given up, everything fetched is put, flushed and committed; the
+    # task is then opened again with the new assignment and resumes where its output (or
+    # the group's commits) end. Batches of partitions no longer assigned are dropped: their
+    # new owner reads them again from the committed offset.
+
+    async def _revoked(self, partitions: list[TopicPartition]) -> None:
+        try:
+            await self._queue.join()
+            async with self._lock:
+                self._assigned.difference_update(partitions)
+                await self._flush(self._consumer)
+        except BaseException as exc:
+            self._failure = exc  # the broker's client only logs what its callbacks raise
+            raise
+        log.info("%s: gave up %s in a rebalance", self.name, ", ".join(map(str, partitions)))
+
+    async def _assigned_again(self, partitions: list[TopicPartition]) -> None:
+        try:
+            async with self._lock:
+                self._assigned = set(partitions)
+                self._put_to = {tp: off for tp, off in self._put_to.items() if tp in self._assigned}
+                resume = await self.task.open(sorted(self._assigned))
+                await self._resume(self._consumer, resume or {})
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        log.info("%s: assigned %s in a rebalance", self.name, ", ".join(map(str, partitions)) or "nothing")
 
     async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
         """Start where the sink says its output ends, if it keeps its own offsets."""
@@ -331,15 +371,19 @@ class SinkRunner:
                 )
             await consumer.seek(tp, offset)
 
-    async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | None], assignment: list[TopicPartition]) -> None:
+    async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | _Skip | None]) -> None:
         targets: dict[TopicPartition, int] | None = None
         while not self.stop.is_set():
             if targets is None and self.sources_done is not None and self.sources_done.is_set():
-                targets = await self._end_offsets(assignment)
+                targets = await self._end_offsets(sorted(self._assigned))
             if targets is not None and await _caught_up(consumer, targets):
                 break
             fetched = await consumer.fetch(SINK_FETCH_RECORDS, 0.2)
+            if self._failure is not None:
+                raise self._failure
             for fb in fetched:
+                if TopicPartition(fb.topic, fb.partition) not in self._assigned:
+                    continue  # revoked while in flight
                 self.counters.records_in += len(fb.values)
                 await queue.put(await self._decode(fb))
         await queue.put(None)  # only on a normal end, as in SourceRunner._poll
@@ -389,11 +433,8 @@ class SinkRunner:
         await retrying(lambda: self.broker.produce(batches), self.counters, f"{self.name}: dead letter")
         self.counters.dead_lettered += len(errors)
 
-    async def _put(self, consumer: Any, queue: asyncio.Queue[Batch | None]) -> None:
-        positions: dict[TopicPartition, int] = {}  # put since the last flush
-        put_to: dict[TopicPartition, int] = {}  # everything put so far
+    async def _put(self, consumer: Any, queue: asyncio.Queue[Batch | _Skip | None]) -> None:
         holding = False  # the sink keeps records it has not made durable yet
-        pending = 0
         last_flush = time.monotonic()
         while True:
             timeout = max(0.0, FLUSH_INTERVAL - (time.monotonic() - last_flush))
@@ -401,42 +442,47 @@ class SinkRunner:
                 batch = await asyncio.wait_for(queue.get(), timeout)
             except TimeoutError:
                 batch = _TICK
-            if batch is None:
-                break
-            if isinstance(batch, _Skip):
-                tp = TopicPartition(batch.topic, batch.partition)
-                positions[tp] = put_to[tp] = batch.next_offset
-            elif batch is not _TICK:
-                rejected = await retrying(
-                    lambda b=batch: self.task.put(b), self.counters, f"{self.name}: put"
-                )
-                if rejected:
-                    for e in rejected:
-                        e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
-                    await self._dead_letter(list(rejected))
-                tp = TopicPartition(batch.topic, batch.partition)
-                positions[tp] = put_to[tp] = batch.last_offset + 1
-                pending += len(batch) - len(rejected or ())
-            # Flush about once a second while records flow, and go on flushing while the
-            # sink holds records back, so an age-based rotation lands them on quiet input too.
-            if (positions or holding) and (
-                pending >= FLUSH_RECORDS or time.monotonic() - last_flush >= FLUSH_INTERVAL
-            ):
-                holding = await self._flush(consumer, positions, put_to, pending)
-                positions, pending = {}, 0
-                last_flush = time.monotonic()
-            elif not positions and not holding:
-                last_flush = time.monotonic()
-        await self._flush(consumer, positions, put_to, pending)
+            try:
+                if batch is None:
+                    break
+                async with self._lock:
+                    if batch is not _TICK:
+                        await self._put_one(batch)
+                    # Flush about once a second while records flow, and go on flushing while
+                    # the sink holds records back, so an age-based rotation lands them on
+                    # quiet input too.
+                    if (self._positions or holding) and (
+                        self._pending >= FLUSH_RECORDS or time.monotonic() - last_flush >= FLUSH_INTERVAL
+                    ):
+                        holding = await self._flush(consumer)
+                        last_flush = time.monotonic()
+                    elif not self._positions and not holding:
+                        last_flush = time.monotonic()
+            finally:
+                if batch is not _TICK:
+                    queue.task_done()
+        async with self._lock:
+            await self._flush(consumer)
 
-    async def _flush(
-        self,
-        consumer: Any,
-        positions: dict[TopicPartition, int],
-        put_to: dict[TopicPartition, int],
-        pending: int,
-    ) -> bool:
+    async def _put_one(self, batch: Batch | _Skip) -> None:
+        tp = TopicPartition(batch.topic, batch.partition)
+        if tp not in self._assigned:
+            return  # revoked while queued: its new owner reads it again
+        if isinstance(batch, _Skip):
+            self._positions[tp] = self._put_to[tp] = batch.next_offset
+            return
+        rejected = await retrying(lambda: self.task.put(batch), self.counters, f"{self.name}: put")
+        if rejected:
+            for e in rejected:
+                e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
+            await self._dead_letter(list(rejected))
+        self._positions[tp] = self._put_to[tp] = batch.last_offset + 1
+        self._pending += len(batch) - len(rejected or ())
+
+    async def _flush(self, consumer: Any) -> bool:
         """Flush and commit; True if the sink still holds records it has not made durable."""
+        positions, pending = self._positions, self._pending
+        self._positions, self._pending = {}, 0
         durable = await retrying(self.task.flush, self.counters, f"{self.name}: flush")
         self.counters.records_out += pending
         if durable is None:
@@ -447,7 +493,7 @@ class SinkRunner:
         # how far it is durable; the rest stays uncommitted and is read again after a crash.
         if durable:
             await consumer.commit(dict(durable))
-        return any(durable.get(tp, 0) < end for tp, end in put_to.items())
+        return any(durable.get(tp, 0) < end for tp, end in self._put_to.items())
 
 
 @dataclass

@@ -10,6 +10,7 @@ in both, so a pipeline moved from embedded to Kafka keeps each key in its partit
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,6 +68,9 @@ class TopicInfo:
     end_offsets: list[int] = field(default_factory=list)  # per partition, next offset
 
 
+Rebalance = Callable[[list[TopicPartition]], Awaitable[None]]
+
+
 class Consumer(Protocol):
     """A consumer-group member reading a set of topics.
 
@@ -86,6 +90,12 @@ class Consumer(Protocol):
     async def position(self, tp: TopicPartition) -> int: ...
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+    def on_rebalance(self, revoked: Rebalance | None, assigned: Rebalance | None) -> None:
+        """Call `revoked(partitions)` before partitions are taken away from this member
+        and `assigned(partitions)` (the whole new assignment) after a rebalance; None
+        removes them. A broker without rebalances (embedded: one process) never calls them."""
+        ...
 
     async def close(self) -> None: ...
 

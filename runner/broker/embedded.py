@@ -592,6 +592,9 @@ class EmbeddedConsumer:
             )
         await self._broker._commit_group(self._group, offsets)
 
+    def on_rebalance(self, revoked: Any, assigned: Any) -> None:
+        pass  # one process holds every partition: no rebalances
+
     async def close(self) -> None:
         self._broker._consumers.discard(self)
         conn, self._conn = self._conn, None

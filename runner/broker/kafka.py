@@ -31,7 +31,7 @@ import json
 import logging
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
@@ -39,6 +39,7 @@ from aiokafka.helpers import create_ssl_context
 
 from runner.broker.base import (
     FetchedBatch,
+    Rebalance,
     ProduceBatch,
     SourceOffsetCommit,
     TopicInfo,
@@ -389,6 +390,26 @@ class KafkaBroker:
         return sorted([group for group, *_ in listed if await self.committed(group, topic)])
 
 
+def _ours(partitions: Any) -> list[TopicPartition]:
+    return sorted(TopicPartition(tp.topic, tp.partition) for tp in partitions)
+
+
+class _Listener(ConsumerRebalanceListener):
+    """aiokafka's rebalance callbacks, passed on to the worker's (eager rebalancing: every
+    partition is revoked, then the new assignment given)."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self.consumer._revoked is not None and revoked:
+            await self.consumer._revoked(_ours(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if self.consumer._assigned_cb is not None:
+            await self.consumer._assigned_cb(_ours(assigned))
+
+
 class KafkaConsumer:
     """A member of a Kafka consumer group, as the worker's Consumer."""
 
@@ -400,8 +421,9 @@ class KafkaConsumer:
         client = dict(broker.settings)
         # A JoinGroup request may take up to the session timeout to be answered.
         client["request_timeout_ms"] = max(client["request_timeout_ms"], settings["session_timeout_ms"] + 5_000)
+        self._revoked: Rebalance | None = None
+        self._assigned_cb: Rebalance | None = None
         self._consumer = AIOKafkaConsumer(
-            *(self.topics if group is not None else ()),
             **client,
             group_id=group,
             enable_auto_commit=False,
@@ -412,13 +434,9 @@ class KafkaConsumer:
 
     async def start(self) -> None:
         try:
-            # With a group, aiokafka's start() returns once the group has assigned partitions
-            # (a rebalance round); it has no time limit of its own.
-            await asyncio.wait_for(self._consumer.start(), self._join_timeout)
-            if self.group is None:
-                self._consumer.assign([
-                    KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
-                ])
+            if self.group is not None:
+                self._consumer.subscribe(self.topics, listener=_Listener(self))
+            await asyncio.wait_for(self._start(), self._join_timeout)
         except BaseException as exc:
             await self.close()
             if isinstance(exc, TimeoutError):
@@ -428,6 +446,19 @@ class KafkaConsumer:
             if not isinstance(exc, Exception):
                 raise
             raise _error(exc, "start a consumer") from exc
+
+    async def _start(self) -> None:
+        await self._consumer.start()
+        if self.group is None:
+            self._consumer.assign([
+                KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
+            ])
+            return
+        while not self._consumer.assignment():  # the group's first rebalance round
+            await asyncio.sleep(0.05)
+
+    def on_rebalance(self, revoked: Rebalance | None, assigned: Rebalance | None) -> None:
+        self._revoked, self._assigned_cb = revoked, assigned
 
     def _assigned(self, tp: TopicPartition) -> KafkaTP:
         ktp = KafkaTP(tp.topic, tp.partition)
