@@ -47,13 +47,13 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     assert bad, "the sample should hold malformed lines"
 
     glob = f"{tmp_path}/out/activity/**/*.parquet"
-    total, hosts = duckdb.execute(f"select count(*), count(distinct remote_host) from read_parquet('{glob}')").fetchone()
+    total, hosts = duckdb.connect().execute(f"select count(*), count(distinct remote_host) from read_parquet('{glob}')").fetchone()
     assert total == len(good) and hosts > 100
-    per_hour = duckdb.execute(
+    per_hour = duckdb.connect().execute(
         f"select dt, hour, count(*) from read_parquet('{glob}', hive_partitioning=true) group by all"
     ).fetchall()
     assert len(per_hour) >= 3 and sum(n for *_, n in per_hour) == len(good)
-    sample = duckdb.execute(f"select status, bytes, timestamp, method from read_parquet('{glob}') where method = 'GET' limit 1").fetchone()
+    sample = duckdb.connect().execute(f"select status, bytes, timestamp, method from read_parquet('{glob}') where method = 'GET' limit 1").fetchone()
     assert isinstance(sample[0], int) and sample[3] == "GET"
 
     dlq = run_cli("consume", "activity-dlq", "--from-beginning", "--spec", spec, env=env)
@@ -68,7 +68,7 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     # Exactly once: a second run adds nothing.
     again = run_cli("run", spec, "--once", env=env, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == len(good)
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == len(good)
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
@@ -106,7 +106,7 @@ sinks:
 
     def visible() -> int:
         files = list((tmp_path / "lake").rglob("*.parquet")) if (tmp_path / "lake").exists() else []
-        return duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] if files else 0
+        return duckdb.connect().execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] if files else 0
 
     rng = random.Random(7)
     for kill in range(5):
@@ -130,7 +130,7 @@ sinks:
                 assert m, line
                 stamp = dt.datetime.strptime(m.group(4), "%d/%b/%Y:%H:%M:%S %z")
                 expected[(m.group(1), int(stamp.timestamp() * 1000), m.group(5), int(m.group(6)))] += 1
-    rows = duckdb.execute(
+    rows = duckdb.connect().execute(
         f"select remote_host, epoch_ms(timestamp), request, status, count(*) from read_parquet('{glob}') group by all"
     ).fetchall()
     got = collections.Counter({(h, ts, req, st): n for h, ts, req, st, n in rows})
@@ -172,7 +172,7 @@ sinks:
     def landed() -> list[int]:
         if not list((tmp_path / "lake").rglob("*.parquet")):
             return []
-        return [r[0] for r in duckdb.execute(f"select bytes from read_parquet('{glob}')").fetchall()]
+        return [r[0] for r in duckdb.connect().execute(f"select bytes from read_parquet('{glob}')").fetchall()]
 
     def wait_for(n: int) -> None:
         deadline = time.monotonic() + 20
@@ -240,4 +240,4 @@ sinks:
         proc.communicate(timeout=30)
     assert files, "buffered records never landed while the input was quiet"
     glob = f"{tmp_path}/lake/activity/**/*.parquet"
-    assert duckdb.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == 100
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == 100

@@ -65,7 +65,7 @@ sinks:
         files = list((tmp_path / "lake").rglob("*.parquet"))
         if not files:
             return 0
-        return duckdb.execute(f"select count(*) from read_parquet('{tmp_path}/lake/activity/**/*.parquet')").fetchone()[0]
+        return duckdb.connect().execute(f"select count(*) from read_parquet('{tmp_path}/lake/activity/**/*.parquet')").fetchone()[0]
 
     def wait(until, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -119,9 +119,9 @@ errors: {{tolerance: all, dead_letter_topic: activity-dlq}}
     assert result.returncode == 0, result.stderr
 
     parquet = f"read_parquet('{tmp_path}/out/activity/**/*.parquet', hive_partitioning=false)"
-    written = [d[0] for d in duckdb.execute(f"select * from {parquet} limit 0").description]
+    written = [d[0] for d in duckdb.connect().execute(f"select * from {parquet} limit 0").description]
     assert sorted(written) == sorted(columns), "every column written is compared, and only those"
-    rows = duckdb.execute(f"select {', '.join(columns)} from {parquet}").fetchall()
+    rows = duckdb.connect().execute(f"select {', '.join(columns)} from {parquet}").fetchall()
     at = columns.index("timestamp")
     for row in rows:
         assert row[at].tzinfo is not None, f"timestamp read back without a time zone: {row[at]!r}"
