@@ -338,6 +338,9 @@ class SinkRunner:
             async with self._lock:
                 self._assigned.difference_update(partitions)
                 await self._flush(self._consumer)
+                # The task lets go of the revoked partitions now: nothing of theirs may be
+                # written once their new owner can have them.
+                await self.task.open(sorted(self._assigned))
         except BaseException as exc:
             self._failure = exc  # the broker's client only logs what its callbacks raise
             raise
