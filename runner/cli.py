@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -398,6 +399,45 @@ def schemas_register(subject: str, schema_file: str, spec_path: str | None) -> N
         click.echo(f"{subject}: id {schema_id}, version {latest.version}")
     finally:
         registry.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@cli.group()
+def registry() -> None:
+    """Serve the pipeline's schema registry to other tools."""
+
+
+@registry.command("serve")
+@spec_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+def registry_serve(spec_path: str | None, host: str, port: int) -> None:
+    """Serve the state directory's schema registry over Confluent's Schema Registry REST
+    API, so Confluent clients (SchemaRegistryClient, AvroDeserializer) read our topics.
+    Runs until interrupted."""
+    from runner.schema.rest import make_server
+
+    spec = _spec(spec_path)
+    reg = engine.open_registry(spec)
+    try:
+        try:
+            server = make_server(reg, host, port)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="choose another --port") from None
+        bound_host, bound_port = server.server_address[:2]
+        click.echo(f"schema registry of {spec.state_dir} on http://{bound_host}:{bound_port}", err=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    finally:
+        reg.close()
 
 
 def main() -> None:

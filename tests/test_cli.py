@@ -241,7 +241,7 @@ def test_incompatible_schema_change_is_refused_with_reason(tmp_path: Path) -> No
     assert "things-value" in listed and "1,2" in listed and "BACKWARD" in listed
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["consume", "--help"], ["topics", "describe", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["consume", "--help"], ["topics", "describe", "--help"], ["registry", "serve", "--help"]])
 def test_help_texts(args: list[str]) -> None:
     result = run_cli(*args)
     assert result.returncode == 0 and "Usage:" in result.stdout

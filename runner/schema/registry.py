@@ -368,6 +368,12 @@ class SchemaRegistry:
 # -- helpers ------------------------------------------------------------------------------
 
 
+def normalized(schema: str | dict[str, Any] | list[Any]) -> str:
+    """The registry's normal form of a schema (its identity: equal forms, one id).
+    Raises InvalidSchemaError."""
+    return _parse(schema).normalized
+
+
 def _check_subject(subject: str) -> None:
     if not isinstance(subject, str) or not subject.strip():
         raise FatalError(f"invalid subject {subject!r}: a subject is a non-empty string")
