@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -676,9 +677,36 @@ E2E_SCHEMA = {
 }
 
 
-def test_end_to_end_jsonl_to_parquet_once_then_nothing_more(tmp_path: Path) -> None:
+def write_hits_pipeline(tmp_path: Path, hits: Iterable[dict], *, batch_size: int, sink_config: str) -> Path:
+    """input/hits.jsonl with `hits`, and a spec reading it (jsonl) into a 3-partition topic
+    keyed by visitor, landed by the parquet sink under lake/ with `sink_config`."""
     (tmp_path / "hit.avsc").write_text(json.dumps(E2E_SCHEMA))
     (tmp_path / "input").mkdir()
+    with open(tmp_path / "input" / "hits.jsonl", "w") as f:
+        for h in hits:
+            f.write(json.dumps(h) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"""\
+name: hits
+topics:
+  hits: {{partitions: 3, schema: hit.avsc, key: visitor}}
+sources:
+  - name: hits-in
+    connector: jsonl
+    topic: hits
+    config: {{paths: ["input/*.jsonl"], batch_size: {batch_size}}}
+sinks:
+  - name: hits-out
+    connector: parquet
+    topics: [hits]
+    config: {{path: lake, {sink_config}}}
+"""
+    )
+    return spec
+
+
+def test_end_to_end_jsonl_to_parquet_once_then_nothing_more(tmp_path: Path) -> None:
     start = int(T0.timestamp() * 1000)
     hits = [
         {
@@ -690,27 +718,7 @@ def test_end_to_end_jsonl_to_parquet_once_then_nothing_more(tmp_path: Path) -> N
         }
         for i in range(30_000)
     ]
-    with open(tmp_path / "input" / "hits.jsonl", "w") as f:
-        for h in hits:
-            f.write(json.dumps(h) + "\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        """\
-name: hits
-topics:
-  hits: {partitions: 3, schema: hit.avsc, key: visitor}
-sources:
-  - name: hits-in
-    connector: jsonl
-    topic: hits
-    config: {paths: ["input/*.jsonl"], batch_size: 4000}
-sinks:
-  - name: hits-out
-    connector: parquet
-    topics: [hits]
-    config: {path: lake, rotate_records: 5000}
-"""
-    )
+    spec = write_hits_pipeline(tmp_path, hits, batch_size=4000, sink_config="rotate_records: 5000")
     check = run_cli("validate", spec)
     assert check.returncode == 0, check.stderr
     result = run_cli("run", spec, "--once", timeout=300)
@@ -749,33 +757,14 @@ def test_kill_9_at_random_moments_then_restart_holds_each_record_exactly_once(tm
 
     from tests.conftest import pipeline_exe
 
-    (tmp_path / "hit.avsc").write_text(json.dumps(E2E_SCHEMA))
-    (tmp_path / "input").mkdir()
     start = int(T0.timestamp() * 1000)
     count = 300_000
-    with open(tmp_path / "input" / "hits.jsonl", "w") as f:
-        for i in range(count):
-            # Three hours apart for every 7th record: groups spanning several directories.
-            late = -3 * 3_600_000 if i % 7 == 0 else 0
-            f.write(json.dumps({"id": i, "timestamp": start + i * 170 + late, "visitor": f"v{i % 37}", "path": "/"}) + "\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        """\
-name: hits
-topics:
-  hits: {partitions: 3, schema: hit.avsc, key: visitor}
-sources:
-  - name: hits-in
-    connector: jsonl
-    topic: hits
-    config: {paths: ["input/*.jsonl"], batch_size: 2000}
-sinks:
-  - name: hits-out
-    connector: parquet
-    topics: [hits]
-    config: {path: lake, rotate_records: 7000, max_open_seconds: 0}
-"""
+    # Three hours apart for every 7th record: groups spanning several directories.
+    hits = (
+        {"id": i, "timestamp": start + i * 170 - (3 * 3_600_000 if i % 7 == 0 else 0), "visitor": f"v{i % 37}", "path": "/"}
+        for i in range(count)
     )
+    spec = write_hits_pipeline(tmp_path, hits, batch_size=2000, sink_config="rotate_records: 7000, max_open_seconds: 0")
     lake = tmp_path / "lake"
 
     def visible_ids() -> list[int]:
