@@ -77,15 +77,17 @@ sinks:
     try:
         wait(lambda: landed() > 0, 30)
         second = start("second")
-        # The second member joins: the first gives up some partitions, the second gets them.
-        wait(lambda: "lake: assigned" in (tmp_path / "second.log").read_text(), 40)
-        assert "lake: gave up" in (tmp_path / "first.log").read_text()
+        # The second member joins: the first gives up its partitions and gets some back,
+        # the second gets the others. Kill the first as soon as it has its share again,
+        # while that share is still being written.
+        wait(lambda: re.search(r"lake: assigned .* in a rebalance", (tmp_path / "first.log").read_text()), 40)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         killed_at = landed()
+        assert "lake: gave up" in (tmp_path / "first.log").read_text()
         # The group notices the dead member after its session timeout and gives the second
         # process every partition; it resumes each one from the files.
-        wait(lambda: landed() >= count, 90)
+        wait(lambda: len(re.findall(r"lake: assigned", (tmp_path / "second.log").read_text())) >= 2 and landed() >= count, 90)
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
     finally:
