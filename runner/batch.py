@@ -11,7 +11,10 @@ Never mutate a view after the other has been built.
 Source side, a batch also carries `source_offsets` (where the source stands after the last
 record of the batch, per source partition) and `errors` (input the source could not turn
 into a record). Sink side, it carries where the records came from: `topic`, `partition`,
-`record_offsets`, `keys` and `timestamps`.
+`record_offsets`, `keys`, `timestamps` and `headers`.
+
+A sink that declares `wants = "raw"` gets the records undecoded: `values` holds each
+record's bytes as they are in the topic (no rows or columns view).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Batch:
         "record_offsets",
         "keys",
         "timestamps",
+        "headers",
+        "values",
     )
 
     def __init__(
@@ -60,6 +65,8 @@ class Batch:
         record_offsets: Sequence[int] | None = None,
         keys: Sequence[bytes | None] | None = None,
         timestamps: Sequence[int] | None = None,
+        headers: Sequence[dict[str, bytes] | None] | None = None,
+        values: Sequence[bytes] | None = None,
     ) -> None:
         if rows is not None and columns is not None:
             raise ValueError("give a Batch rows or columns, not both")
@@ -82,11 +89,19 @@ class Batch:
         self.record_offsets = record_offsets
         self.keys = keys
         self.timestamps = timestamps
+        #: Sink side: each record's Kafka headers (None when no record of the batch has any).
+        self.headers = headers
+        #: Raw batches (`wants = "raw"`): each record's value bytes, undecoded.
+        self.values = values
+        if values is not None:
+            self._rows = None
 
     @property
     def rows(self) -> list[dict[str, Any]]:
         """The records as a list of dicts (built from the columns on first use)."""
         if self._rows is None:
+            if self._columns is None:
+                raise TypeError("a raw batch has no rows: read batch.values")
             self._rows = self._columns.to_pylist()
         return self._rows
 
@@ -98,10 +113,14 @@ class Batch:
         schema) the columns have exactly those types.
         """
         if self._columns is None:
+            if self._rows is None:
+                raise TypeError("a raw batch has no columns: read batch.values")
             self._columns = pa.RecordBatch.from_pylist(self._rows, schema=self.arrow_schema)
         return self._columns
 
     def __len__(self) -> int:
+        if self.values is not None:
+            return len(self.values)
         if self._rows is not None:
             return len(self._rows)
         return self._columns.num_rows

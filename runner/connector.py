@@ -69,7 +69,7 @@ Errors
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -107,7 +107,8 @@ class ConnectorContext:
     spec_dir: Path  # relative paths in config are relative to this
     state_dir: Path  # a directory the connector may keep private state in
     topics: tuple[str, ...]  # the source's topic, or the sink's topics
-    schemas: dict[str, dict]  # topic -> its Avro value schema
+    schemas: dict[str, dict]  # topic -> its Avro value schema (raw topics have none)
+    partitions: dict[str, int] = field(default_factory=dict)  # topic -> partition count
 
     def resolve(self, path: str | Path) -> Path:
         """A config path made absolute against the spec's directory."""
@@ -247,10 +248,13 @@ class Sink(_Connector):
 
     Subclass it, set `name`, declare `Config`, and implement `task()`. Set `wants` to
     `"columns"` if the task reads `batch.columns` (Arrow); the engine then builds batches
-    with the Arrow schema derived from the topic's Avro schema.
+    with the Arrow schema derived from the topic's Avro schema. Set it to `"raw"` for a
+    sink that copies bytes (a mirror): records are not decoded, `batch.values` holds each
+    value as it is in the topic, beside `keys`, `timestamps` and `headers`; such a sink
+    may also read raw topics (declared without a schema).
     """
 
-    wants: ClassVar[Literal["rows", "columns"]] = "rows"
+    wants: ClassVar[Literal["rows", "columns", "raw"]] = "rows"
 
     def task(self) -> SinkTask:
         """The task that consumes this sink's topics (one per process)."""

@@ -51,6 +51,21 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         return []
 
     spec = load_spec(path, check_connector=check_connector)
+    raw_reads = [
+        Problem(
+            f"topic {t!r} has no schema (a raw topic); only sinks that take bytes "
+            f"(wants = \"raw\") can read it, and {entry.connector!r} decodes records",
+            path=f"{entry.key_path}.topics",
+            file=str(path),
+            line=spec.line_of(f"{entry.key_path}.topics"),
+        )
+        for entry in spec.sinks
+        if host.lookup("sink", entry.connector).cls.wants != "raw"
+        for t in entry.topics
+        if t in spec.topics and spec.topics[t].schema is None
+    ]
+    if raw_reads:
+        raise SpecError(raw_reads)
     if spec.broker.kind == "kafka":
         try:
             KafkaOptions.parse(spec.broker.options)
@@ -210,7 +225,7 @@ class Pipeline:
     async def _prepare_topics(self, broker: Broker, registry: SchemaRegistry) -> dict[str, Topic]:
         topics = {}
         for name, t in self.spec.topics.items():
-            schema_id = registry.register(f"{name}-value", t.schema)
+            schema_id = registry.register(f"{name}-value", t.schema) if t.schema is not None else None
             await broker.ensure_topic(name, t.partitions)
             topics[name] = Topic(name, t.partitions, t.schema, schema_id, t.key)
         return topics
@@ -223,7 +238,8 @@ class Pipeline:
             spec_dir=self.spec.path.parent,
             state_dir=state,
             topics=tuple(topics),
-            schemas={t: self.spec.topics[t].schema for t in topics if t in self.spec.topics},
+            schemas={t: self.spec.topics[t].schema for t in topics if t in self.spec.topics and self.spec.topics[t].schema is not None},
+            partitions={t: self.spec.topics[t].partitions for t in topics if t in self.spec.topics},
         )
 
     def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> Any:

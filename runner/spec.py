@@ -50,7 +50,9 @@ __all__ = [
 class TopicSpec:
     name: str
     partitions: int
-    schema: dict  # the Avro schema as written (plain JSON-like dict), not fastavro's parsed form
+    # The Avro schema as written (plain JSON-like dict), not fastavro's parsed form; None
+    # for a raw topic (bytes as they are, e.g. mirrored from another cluster).
+    schema: dict | None
     key: str | None
     schema_file: pathlib.Path | None  # absolute; None for an inline schema
 
@@ -457,7 +459,9 @@ class _Loader:
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             self.problem(f"{path}.partitions", f"expected an integer >= 1, got {_got(partitions)}")
             ok = False
-        schema, schema_file = self.schema(entry.get("schema"), f"{path}.schema")
+        # No schema: a raw topic, read only by sinks that take bytes (`wants = "raw"`).
+        raw = "schema" not in entry
+        schema, schema_file = (None, None) if raw else self.schema(entry.get("schema"), f"{path}.schema")
         key = entry.get("key")
         if key is not None and not isinstance(key, str):
             self.problem(f"{path}.key", f"expected a field name, got {_got(key)}")
@@ -471,7 +475,10 @@ class _Loader:
                     f"(fields: {', '.join(map(str, fields)) or 'none'})",
                 )
                 ok = False
-        if not ok or schema is None:
+        elif key is not None and raw:
+            self.problem(f"{path}.key", "a raw topic (no schema) has no fields to key by")
+            ok = False
+        if not ok or (schema is None and not raw):
             return None
         return TopicSpec(name, partitions, schema, key, schema_file)
 
@@ -657,6 +664,9 @@ class _Loader:
                              "may use it")
             else:
                 self.declared(topic, f"{path}.topic", topics, None)
+                if topics.get(topic) is not None and topics[topic].schema is None:
+                    self.problem(f"{path}.topic", f"topic {topic!r} has no schema; a source "
+                                 "writes schema-checked records, so give the topic a schema")
         else:
             raw = entry.get("topics")
             is_list = isinstance(raw, list)

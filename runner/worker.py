@@ -57,13 +57,13 @@ class Topic:
 
     name: str
     partitions: int
-    schema: dict
-    schema_id: int
+    schema: dict | None  # None: a raw topic (bytes, read only by raw sinks)
+    schema_id: int | None
     key: str | None = None
-    encoder: AvroEncoder = field(init=False)
+    encoder: AvroEncoder | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.encoder = AvroEncoder(self.schema_id, self.schema)
+        self.encoder = AvroEncoder(self.schema_id, self.schema) if self.schema is not None else None
 
 
 class DeadLetters:
@@ -282,7 +282,10 @@ class SinkRunner:
         self.counters = counters
         self.stop = stop
         self.sources_done = sources_done  # set in --once mode when every source has ended
-        self.decoders = {t: AvroDecoder(lookup_schema, topic.schema) for t, topic in topics.items()}
+        self.raw = wants == "raw"
+        self.decoders = (
+            {} if self.raw else {t: AvroDecoder(lookup_schema, topic.schema) for t, topic in topics.items()}
+        )
         self.arrow = (
             {t: avro_to_arrow(topic.schema) for t, topic in topics.items()}
             if wants == "columns"
@@ -399,6 +402,16 @@ class SinkRunner:
         return {tp: ends.get(tp, 0) for tp in assignment}
 
     async def _decode(self, fb: Any) -> Batch | _Skip:
+        if self.raw:
+            return Batch(
+                topic=fb.topic,
+                partition=fb.partition,
+                record_offsets=fb.offsets,
+                keys=fb.keys,
+                timestamps=fb.timestamps,
+                headers=fb.headers,
+                values=fb.values,
+            )
         rows, failures = self.decoders[fb.topic].decode(fb.values)
         offsets, keys, stamps = fb.offsets, fb.keys, fb.timestamps
         if failures:
