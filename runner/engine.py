@@ -24,7 +24,7 @@ from runner.plugins import PluginHost, UnknownConnector, load_plugins
 from runner.schema.registry import SchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
-from runner.worker import Counters, DeadLetters, SinkRunner, SourceRunner, Topic, first_error
+from runner.worker import Counters, DeadLetters, SinkRunner, SourceGroup, SourceRunner, SourceSlot, Topic, first_error
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -191,13 +191,13 @@ class Pipeline:
                 dlq = topics[name] = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
             dead_letters = DeadLetters(spec, dlq)
             sources_done = asyncio.Event() if self.once else None
-            source_runners = self._source_runners(topics, broker, dead_letters)
+            source_group = SourceGroup(
+                spec.name, self._source_slots(topics, broker, dead_letters), broker, self.stop_event, self.once
+            )
             sink_runners = self._sink_runners(topics, broker, registry, dead_letters, sources_done)
 
             async def sources() -> None:
-                async with asyncio.TaskGroup() as group:
-                    for runner in source_runners:
-                        group.create_task(runner.run())
+                await source_group.run()
                 if sources_done is not None:
                     sources_done.set()
 
@@ -253,17 +253,23 @@ class Pipeline:
             raise FatalError(f"{entry.name}: invalid config: {exc}") from None
         return reg.cls(config, self._context(entry, topics))
 
-    def _source_runners(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceRunner]:
-        runners = []
+    def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
+        slots = []
+        writes = [dead_letters.topic.name] if dead_letters.topic is not None else []
         for entry in self.spec.sources:
             source = self._build("source", entry, [entry.topic])
             counters = Counters(entry.name, "source", target=source.target())
             self.counters.append(counters)
-            for task in source.tasks():
-                runners.append(
-                    SourceRunner(entry.name, task, topics[entry.topic], broker, dead_letters, counters, self.stop_event)
-                )
-        return runners
+            for index in range(len(source.tasks())):
+
+                def runner(stop: asyncio.Event, entry: ConnectorSpec = entry, source: Any = source,
+                           counters: Counters = counters, index: int = index) -> SourceRunner:
+                    writer = broker.source_writer(entry.name, index, [entry.topic, *writes])
+                    task = source.tasks()[index]
+                    return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop)
+
+                slots.append(SourceSlot(entry.name, index, runner))
+        return slots
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []

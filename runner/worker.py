@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.batch import Batch
-from runner.broker.base import Broker, ProduceBatch, SourceOffsetCommit, TopicPartition
+from runner.broker.base import Broker, ProduceBatch, SourceWriter, TopicPartition
 from runner.broker.partitioner import Partitioner
 from runner.connector import SinkTask, SourceTask
 from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
@@ -106,7 +106,7 @@ class SourceRunner:
         name: str,
         task: SourceTask,
         topic: Topic,
-        broker: Broker,
+        writer: SourceWriter,
         dead_letters: DeadLetters,
         counters: Counters,
         stop: asyncio.Event,
@@ -114,7 +114,7 @@ class SourceRunner:
         self.name = name
         self.task = task
         self.topic = topic
-        self.broker = broker
+        self.writer = writer
         self.dead_letters = dead_letters
         self.counters = counters
         self.stop = stop
@@ -127,7 +127,8 @@ class SourceRunner:
     async def _run(self) -> None:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
         try:
-            await self.task.open(await self.broker.source_offsets(self.name))
+            offsets = await retrying(self.writer.open, self.counters, f"{self.name}: read offsets")
+            await self.task.open(offsets)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._poll(queue))
                 group.create_task(self._produce(queue))
@@ -185,9 +186,8 @@ class SourceRunner:
             values = [v for i, v in enumerate(values) if i not in bad]
         produce = self.dead_letters.batches(errors)  # raises DataError under tolerance none
         produce[:0] = self._partitioned(rows, values)
-        commit = SourceOffsetCommit(self.name, batch.source_offsets) if batch.source_offsets else None
         await retrying(
-            lambda: self.broker.produce(produce, commit), self.counters, f"{self.name}: produce"
+            lambda: self.writer.produce(produce, batch.source_offsets), self.counters, f"{self.name}: produce"
         )
         self.counters.records_out += len(values)
         self.counters.errors += len(errors)
@@ -219,6 +219,107 @@ class SourceRunner:
         for b in buckets.values():
             b.timestamps = [now] * len(b.values)
         return list(buckets.values())
+
+
+@dataclass
+class SourceSlot:
+    """Task number `index` of a source in the spec; `runner(stop)` builds a fresh runner
+    of it (a task stopped in a rebalance is not reused: a new one resumes from offsets)."""
+
+    source: str
+    index: int
+    runner: Callable[[asyncio.Event], SourceRunner]
+
+
+class SourceGroup:
+    """Runs the pipeline's source tasks.
+
+    On one machine (embedded broker) this process runs all of them. On Kafka, the
+    processes of a pipeline share them as Kafka Connect's workers do, through Kafka
+    itself: a control topic with one partition per task, and a consumer group on it
+    (`_pipeline-<pipeline>-source-tasks`). Each process runs the tasks whose partitions
+    it is assigned. When a process joins or leaves, the group rebalances: a task to be
+    given up stops polling, writes and commits what it polled, and closes before the
+    partition goes to another process, which starts the task again from its offsets. A
+    process killed outright loses its tasks when its session times out.
+    """
+
+    def __init__(self, pipeline: str, slots: list[SourceSlot], broker: Broker, stop: asyncio.Event, once: bool) -> None:
+        self.pipeline = pipeline
+        self.slots = slots
+        self.broker = broker
+        self.stop = stop
+        self.once = once  # return when the tasks running here have ended
+        self.running: dict[int, tuple[asyncio.Event, asyncio.Task]] = {}
+        self.changed = asyncio.Event()
+
+    @property
+    def control_topic(self) -> str:
+        return f"_pipeline-{self.pipeline}-source-tasks"
+
+    async def run(self) -> None:
+        if not self.slots:
+            return
+        if not self.broker.distributed:
+            async with asyncio.TaskGroup() as group:
+                for slot in self.slots:
+                    group.create_task(slot.runner(self.stop).run())
+            return
+        topic = self.control_topic
+        try:
+            await self.broker.ensure_topic(topic, len(self.slots))
+        except FatalError as exc:
+            raise FatalError(
+                f"the sources of pipeline {self.pipeline!r} have {len(self.slots)} task(s), but its "
+                f"control topic {topic!r} was made for another number ({exc})",
+                hint=f"stop every process of the pipeline, delete the topic {topic!r}, and start again",
+            ) from None
+        consumer = await self.broker.consumer(topic, [topic])
+        try:
+            consumer.on_rebalance(self._revoked, self._assigned)
+            await self._assigned(await consumer.assignment())
+            while not self.stop.is_set():
+                tasks = [task for _, task in self.running.values()]
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+                if self.once and all(task.done() for task in tasks):
+                    break
+                self.changed.clear()
+                waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self.changed.wait())}
+                pending = [task for task in tasks if not task.done()]
+                done, rest = await asyncio.wait(waits | set(pending), return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+        finally:
+            consumer.on_rebalance(None, None)
+            await self._stop(list(self.running))
+            await consumer.close()
+
+    async def _assigned(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp.partition not in self.running:
+                slot = self.slots[tp.partition]
+                stop = asyncio.Event()
+                self.running[tp.partition] = (stop, asyncio.create_task(slot.runner(stop).run()))
+                log.info("%s: task %d started here", slot.source, slot.index)
+        self.changed.set()
+
+    async def _revoked(self, partitions: list[TopicPartition]) -> None:
+        await self._stop([tp.partition for tp in partitions])
+        self.changed.set()
+
+    async def _stop(self, indexes: list[int]) -> None:
+        """Stop these tasks and wait for them: their last batches are written first. A
+        task that failed keeps its place, so `run` reports the failure."""
+        stopping = [(i, self.running[i]) for i in indexes if i in self.running]
+        for _, (stop, _) in stopping:
+            stop.set()
+        for i, (_, task) in stopping:
+            await asyncio.wait([task])
+            if task.cancelled() or task.exception() is None:
+                del self.running[i]
+                log.info("%s: task %d stopped here", self.slots[i].source, self.slots[i].index)
 
 
 @contextlib.asynccontextmanager

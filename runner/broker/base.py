@@ -100,7 +100,33 @@ class Consumer(Protocol):
     async def close(self) -> None: ...
 
 
+class SourceWriter(Protocol):
+    """Writes the batches of one source task and stores its offsets with them.
+
+    The engine makes one per running source task (`Broker.source_writer`). Embedded: the
+    records and the offsets commit in one SQLite transaction. Kafka: see
+    `runner.broker.kafka_sources` — records are tagged with the task, and after a crash
+    the task's next run skips what the topic already holds, so nothing is written twice
+    as long as the source reads the same records again from its stored offsets.
+    """
+
+    async def open(self) -> dict[str, Any]:
+        """The source connector's stored offsets (source partition -> offset), after
+        putting right what a crash of this task's previous run left half done."""
+        ...
+
+    async def produce(self, batches: list[ProduceBatch], offsets: dict[str, Any]) -> None:
+        """Append the batches (records in the order the source gave them, per partition)
+        and store `offsets` (where the source stands after them; may be empty). On return
+        both are durable. After a RetryableError, call again with the same arguments."""
+        ...
+
+
 class Broker(Protocol):
+    #: True when several processes of one pipeline share its work (Kafka): the source
+    #: tasks are then shared out through a consumer group on a control topic.
+    distributed: bool
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -121,6 +147,11 @@ class Broker(Protocol):
 
     async def source_offsets(self, connector: str) -> dict[str, Any]:
         """The stored source offsets of a source connector (partition -> offset)."""
+        ...
+
+    def source_writer(self, connector: str, task: int, topics: list[str]) -> SourceWriter:
+        """The writer for task number `task` of source `connector`, which produces to
+        `topics` (its topic and the dead-letter topic)."""
         ...
 
     async def consumer(self, group: str | None, topics: list[str]) -> Consumer:

@@ -158,6 +158,8 @@ class _Conn:
 class EmbeddedBroker:
     """The `Broker` on SQLite. See the module docstring."""
 
+    distributed = False  # one process owns the state directory
+
     def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
         self.state_dir = Path(state_dir)
         self.read_only = read_only
@@ -490,6 +492,9 @@ class EmbeddedBroker:
             for consumer in self._consumers:
                 consumer._notify(produced)
 
+    def source_writer(self, connector: str, task: int, topics: list[str]) -> EmbeddedSourceWriter:
+        return EmbeddedSourceWriter(self, connector)
+
     async def source_offsets(self, connector: str) -> dict[str, Any]:
         rows = await self._read(
             lambda c: c.execute(
@@ -686,3 +691,18 @@ def _read_partitions(
             )
         )
     return out
+
+
+class EmbeddedSourceWriter:
+    """Records and source offsets in one transaction: exactly once from source to topic."""
+
+    def __init__(self, broker: EmbeddedBroker, connector: str) -> None:
+        self.broker = broker
+        self.connector = connector
+
+    async def open(self) -> dict[str, Any]:
+        return await self.broker.source_offsets(self.connector)
+
+    async def produce(self, batches: list[ProduceBatch], offsets: dict[str, Any]) -> None:
+        commit = SourceOffsetCommit(self.connector, offsets) if offsets else None
+        await self.broker.produce(batches, commit)

@@ -142,6 +142,8 @@ def _error(exc: BaseException, doing: str) -> Exception:
 
 
 class KafkaBroker:
+    distributed = True  # processes of one pipeline share partitions and source tasks
+
     def __init__(self, options: dict[str, Any], pipeline: str, *, read_only: bool = False) -> None:
         self.options = KafkaOptions.parse(options)
         self.pipeline = pipeline
@@ -158,10 +160,7 @@ class KafkaBroker:
             self._admin = AIOKafkaAdminClient(**self.settings)
             await self._admin.start()
             if not self.read_only:
-                self._producer = AIOKafkaProducer(
-                    **self.settings, acks="all", **dict(self.options.producer)
-                )
-                await self._producer.start()
+                self._producer = await self._start_producer()
         except BaseException as exc:
             await self.close()
             if not isinstance(exc, Exception):
@@ -170,6 +169,34 @@ class KafkaBroker:
                 f"cannot reach Kafka at {self.options.bootstrap_servers}: {_reason(exc)}",
                 hint="check broker.kafka.bootstrap_servers and that the cluster is up",
             ) from exc
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        """An idempotent producer (a batch retried after a lost acknowledgement is not
+        written twice), unless the cluster cannot give out producer ids: then a plain one,
+        with a warning. `producer: {enable_idempotence: false}` asks for a plain one."""
+        extra = dict(self.options.producer)
+        asked = "enable_idempotence" in extra
+        if extra.pop("enable_idempotence", True):
+            producer = AIOKafkaProducer(**self.settings, acks="all", enable_idempotence=True, **extra)
+            try:
+                await producer.start()
+                return producer
+            except KafkaError as exc:
+                await producer.stop()
+                if asked or isinstance(exc, KafkaConnectionError):
+                    raise
+                log.warning(
+                    "kafka: the cluster at %s gives no producer ids (%s); producing without "
+                    "idempotence: a batch retried after a lost acknowledgement may be written twice",
+                    self.options.bootstrap_servers, _reason(exc),
+                )
+        producer = AIOKafkaProducer(**self.settings, acks="all", **extra)
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
 
     async def close(self) -> None:
         for client, stop in ((self._producer, "stop"), (self._admin, "close")):
@@ -230,7 +257,8 @@ class KafkaBroker:
         try:
             names = [
                 n for n in await self._admin.list_topics()
-                if not n.startswith("__") and n != self.options.offsets_topic  # Kafka's own, ours
+                # Kafka's own, and ours (source offsets, source-task control topics)
+                if not n.startswith("__") and n != self.options.offsets_topic and not n.startswith("_pipeline")
             ]
         except Exception as exc:
             raise _error(exc, "list topics") from exc
@@ -298,25 +326,32 @@ class KafkaBroker:
         except Exception as exc:
             raise _error(exc, "produce") from exc
 
-    async def _send(self, b: ProduceBatch) -> list[asyncio.Future]:
+    async def _send(self, b: ProduceBatch, tag: tuple[str, bytes] | None = None) -> list[asyncio.Future]:
         """Send one topic-partition's records as few Kafka batches as fit; the futures of
-        their acknowledgements."""
+        their acknowledgements (each gives the batch's end offset). `tag` is a header added
+        to every record."""
         assert self._producer is not None
         futures = []
+        plain = [tag] if tag else None  # one list shared by every record without headers
         headers = b.headers or [None] * len(b.values)
         batch = self._producer.create_batch()
         for key, value, ts, hs in zip(b.keys, b.values, b.timestamps, headers):
-            items = list(hs.items()) if hs else None
+            items = (list(hs.items()) + ([tag] if tag else [])) if hs else plain
             if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
-                batch.close()
-                futures.append(await self._producer.send_batch(batch, b.topic, partition=b.partition))
+                futures.append(await self._send_batch(batch, b))
                 batch = self._producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
                     raise FatalError(f"a record of {b.topic!r} is larger than the producer's max batch size")
         if batch.record_count():
-            batch.close()
-            futures.append(await self._producer.send_batch(batch, b.topic, partition=b.partition))
+            futures.append(await self._send_batch(batch, b))
         return futures
+
+    async def _send_batch(self, batch: Any, b: ProduceBatch) -> asyncio.Future:
+        count = batch.record_count()
+        batch.close()
+        sent = await self._producer.send_batch(batch, b.topic, partition=b.partition)
+        # The acknowledgement gives the batch's first offset; its end is what callers need.
+        return asyncio.ensure_future(_end_of(sent, count))
 
     async def _offsets_batch(self, commit: SourceOffsetCommit) -> ProduceBatch:
         topic = self.options.offsets_topic
@@ -327,14 +362,89 @@ class KafkaBroker:
         return ProduceBatch(topic, 0, keys, values, [None] * len(keys))  # type: ignore[list-item]
 
     async def source_offsets(self, connector: str) -> dict[str, Any]:
-        """The latest stored offset of each source partition of `connector`: the offsets
-        topic read from its start to its end."""
+        return (await self.source_state(connector))[0]
+
+    def source_writer(self, connector: str, task: int, topics: list[str]) -> Any:
+        from runner.broker.kafka_sources import KafkaSourceWriter  # it builds on this module
+
+        return KafkaSourceWriter(self, connector, task, topics)
+
+    async def send_tagged(self, b: ProduceBatch, tag: tuple[str, bytes]) -> list[asyncio.Future]:
+        """Send `b` with the header `tag` on every record; futures of each Kafka batch's
+        end offset (see `kafka_sources`)."""
+        try:
+            return await self._send(b, tag)
+        except (FatalError, RetryableError):
+            raise
+        except Exception as exc:
+            raise _error(exc, "produce") from exc
+
+    async def store_offsets_record(self, key: list[Any], value: Any) -> None:
+        """Write one record to the offsets topic (JSON key and value) and wait for it."""
+        topic = self.options.offsets_topic
+        if topic not in self._partitions:
+            await self.ensure_topic(topic, 1, compact=True)
+        record = ProduceBatch(topic, 0, [json.dumps(key).encode()], [json.dumps(value).encode()], [None])  # type: ignore[list-item]
+        try:
+            await asyncio.gather(*await self._send(record))
+        except (FatalError, RetryableError):
+            raise
+        except Exception as exc:
+            raise _error(exc, "store source offsets") from exc
+
+    async def count_tagged(self, starts: dict[tuple[str, int], int], tag: tuple[str, bytes]) -> dict[tuple[str, int], tuple[int, int]]:
+        """Per (topic, partition): how many records carry the header `tag` from offset
+        `starts[...]` to the partition's end, and the offset after the last of them."""
+        ends: dict[tuple[str, int], int] = {}
+        for topic in {t for t, _ in starts}:
+            for p, end in enumerate(await self.end_offsets(topic)):
+                ends[(topic, p)] = end
+        todo = {KafkaTP(t, p): start for (t, p), start in starts.items() if ends.get((t, p), 0) > start}
+        found: dict[tuple[str, int], tuple[int, int]] = {}
+        if not todo:
+            return found
+        reader = AIOKafkaConsumer(**self.settings, enable_auto_commit=False)
+        try:
+            await reader.start()
+            reader.assign(list(todo))
+            for ktp, start in todo.items():
+                reader.seek(ktp, start)
+            waiting, idle = set(todo), 0
+            while waiting:
+                got = await reader.getmany(*waiting, timeout_ms=1000)
+                idle = 0 if got else idle + 1
+                if idle >= 30:
+                    raise RetryableError(f"kafka: no records for 30 s while reading {sorted(map(str, waiting))} to their end")
+                for ktp, records in got.items():
+                    key = (ktp.topic, ktp.partition)
+                    count, after = found.get(key, (0, 0))
+                    for r in records:
+                        if tag in (r.headers or ()):
+                            count, after = count + 1, r.offset + 1
+                    if count:
+                        found[key] = (count, after)
+                for ktp in list(waiting):
+                    if await reader.position(ktp) >= ends[(ktp.topic, ktp.partition)]:
+                        waiting.discard(ktp)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            raise _error(exc, "read back what a source task wrote") from exc
+        finally:
+            await reader.stop()
+        return found
+
+    async def source_state(self, connector: str) -> tuple[dict[str, Any], dict[int, Any]]:
+        """The latest stored offset of each source partition of `connector`, and the
+        latest checkpoint of each of its tasks (see `kafka_sources`): the offsets topic
+        read from its start to its end, later records overriding earlier ones."""
         topic = self.options.offsets_topic
         if not (await self._describe([topic])).get(topic):
-            return {}
+            return {}, {}
         self._partitions[topic] = 1
         end = (await self.end_offsets(topic))[0]
         found: dict[str, Any] = {}
+        tasks: dict[int, Any] = {}
         reader = AIOKafkaConsumer(**self.settings, enable_auto_commit=False)
         tp = KafkaTP(topic, 0)
         try:
@@ -349,16 +459,24 @@ class KafkaBroker:
                     raise RetryableError(f"kafka: {topic!r} gave no records for 30 s below its end offset {end}")
                 for records in got.values():
                     for r in records:
-                        pipeline, name, partition = json.loads(r.key)
-                        if pipeline == self.pipeline and name == connector:
-                            found[partition] = json.loads(r.value) if r.value is not None else None
+                        # [pipeline, connector, partition] holds one source partition's
+                        # offset; [pipeline, connector, "task", n] a task's checkpoint.
+                        key = json.loads(r.key)
+                        if key[:2] != [self.pipeline, connector]:
+                            continue
+                        value = json.loads(r.value) if r.value is not None else None
+                        if len(key) == 3:
+                            found[key[2]] = value
+                        elif value is not None:
+                            tasks[key[3]] = value
+                            found.update(value["offsets"])
         except RetryableError:
             raise
         except Exception as exc:
             raise _error(exc, f"read source offsets of {connector!r}") from exc
         finally:
             await reader.stop()
-        return {p: o for p, o in found.items() if o is not None}
+        return {p: o for p, o in found.items() if o is not None}, tasks
 
     # -- consumer groups -----------------------------------------------------------------
 
@@ -390,6 +508,13 @@ class KafkaBroker:
         return sorted([group for group, *_ in listed if await self.committed(group, topic)])
 
 
+async def _end_of(sent: asyncio.Future, count: int) -> int:
+    try:
+        return (await sent).offset + count
+    except Exception as exc:
+        raise _error(exc, "produce") from exc
+
+
 def _ours(partitions: Any) -> list[TopicPartition]:
     return sorted(TopicPartition(tp.topic, tp.partition) for tp in partitions)
 
@@ -406,6 +531,7 @@ class _Listener(ConsumerRebalanceListener):
             await self.consumer._revoked(_ours(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.consumer._joined.set()  # also when this member is given nothing
         if self.consumer._assigned_cb is not None:
             await self.consumer._assigned_cb(_ours(assigned))
 
@@ -423,6 +549,7 @@ class KafkaConsumer:
         client["request_timeout_ms"] = max(client["request_timeout_ms"], settings["session_timeout_ms"] + 5_000)
         self._revoked: Rebalance | None = None
         self._assigned_cb: Rebalance | None = None
+        self._joined = asyncio.Event()  # the group's first rebalance round is over
         self._consumer = AIOKafkaConsumer(
             **client,
             group_id=group,
@@ -454,8 +581,9 @@ class KafkaConsumer:
                 KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
             ])
             return
-        while not self._consumer.assignment():  # the group's first rebalance round
-            await asyncio.sleep(0.05)
+        # The group's first rebalance round; a member may be given nothing (more processes
+        # than partitions), and still stands by to take over.
+        await self._joined.wait()
 
     def on_rebalance(self, revoked: Rebalance | None, assigned: Rebalance | None) -> None:
         self._revoked, self._assigned_cb = revoked, assigned
@@ -511,3 +639,4 @@ class KafkaConsumer:
             await self._consumer.stop()
         except Exception:  # closing: nothing left to save
             log.debug("closing a Kafka consumer failed", exc_info=True)
+
