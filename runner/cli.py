@@ -421,6 +421,11 @@ def registry_serve(spec_path: str | None, host: str, port: int) -> None:
     from runner.schema.rest import make_server
 
     spec = _spec(spec_path)
+    if spec.schema_registry is not None:
+        raise UsageError(
+            f"the spec uses the schema registry at {engine.open_registry(spec).urls[0]}; there is nothing to serve",
+            hint="point Confluent clients at that registry",
+        )
     reg = engine.open_registry(spec)
     try:
         try:

@@ -22,6 +22,7 @@ from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
 from runner.schema.registry import SchemaRegistry
+from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
 from runner.worker import Counters, DeadLetters, SinkRunner, SourceGroup, SourceRunner, SourceSlot, Topic, first_error
@@ -66,6 +67,15 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
     ]
     if raw_reads:
         raise SpecError(raw_reads)
+    if spec.schema_registry is not None:
+        try:
+            RegistryOptions.parse(spec.schema_registry)
+        except ConfigError as exc:
+            raise SpecError([
+                Problem(message, path=f"schema_registry.{key}" if key else "schema_registry", file=str(path),
+                        line=spec.line_of(f"schema_registry.{key}") or spec.line_of("schema_registry"))
+                for key, message in exc.problems
+            ]) from None
     if spec.broker.kind == "kafka":
         try:
             KafkaOptions.parse(spec.broker.options)
@@ -92,9 +102,14 @@ def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
     return EmbeddedBroker(spec.state_dir, read_only=read_only)
 
 
-def open_registry(spec: Spec, *, must_exist: bool = False) -> SchemaRegistry:
-    """The embedded schema registry; `must_exist` for read-side commands, which must not
-    create a state directory as a side effect."""
+def open_registry(spec: Spec, *, must_exist: bool = False) -> SchemaRegistry | RemoteSchemaRegistry:
+    """The spec's external registry, or the embedded one; `must_exist` for read-side
+    commands, which must not create a state directory as a side effect."""
+    if spec.schema_registry is not None:
+        try:
+            return RegistryOptions.parse(spec.schema_registry).open()
+        except ConfigError as exc:
+            raise FatalError(f"schema_registry: {exc}") from None
     path = spec.state_dir / "schemas.db"
     if must_exist and not path.exists():
         raise UsageError(

@@ -92,6 +92,9 @@ class Spec:
     errors: ErrorPolicy
     lines: dict[str, int]  # key path -> 1-based line
     file: str = ""  # the spec path as given, for messages
+    # An external Confluent-compatible registry's options ({url: ..., ...}); None: the
+    # embedded registry in the state directory.
+    schema_registry: dict | None = None
 
     def line_of(self, key_path: str) -> int | None:
         return _line_of(self.lines, key_path)
@@ -106,7 +109,7 @@ class Spec:
 
 CheckConnector = Callable[[str, ConnectorSpec, str], list[Problem]]
 
-_TOP_KEYS = ("name", "state_dir", "broker", "topics", "sources", "sinks", "errors")
+_TOP_KEYS = ("name", "state_dir", "broker", "schema_registry", "topics", "sources", "sinks", "errors")
 _TOPIC_KEYS = ("partitions", "schema", "key")
 _SOURCE_KEYS = ("name", "connector", "topic", "config")
 _SINK_KEYS = ("name", "connector", "topics", "config")
@@ -350,6 +353,7 @@ class _Loader:
             self.problem("", "nothing to run: declare at least one source or sink")
         self.unique_names()
         broker = self.broker(doc.get("broker"))
+        registry = self.schema_registry(doc.get("schema_registry"))
         state_dir = self.state_dir(doc.get("state_dir"), name)
 
         if check_connector is not None:
@@ -370,6 +374,7 @@ class _Loader:
             path=abs_path,
             state_dir=state_dir,
             broker=broker,
+            schema_registry=registry,
             topics={t.name: t for t in topics.values() if t is not None},
             sources=[s for s in sources if s is not None],
             sinks=[s for s in sinks if s is not None],
@@ -591,6 +596,19 @@ class _Loader:
                          f"\"host1:9092,host2:9092\", got {_got(servers)}")
             return None
         return BrokerSpec("kafka", dict(options))
+
+    def schema_registry(self, value: Any) -> dict | None:
+        """`schema_registry: {url: ...}` (or just the URL); the options' types are checked
+        by the engine, as the broker's are."""
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip():
+            return {"url": value}
+        if not isinstance(value, dict) or not isinstance(value.get("url"), str) or not value["url"].strip():
+            self.problem("schema_registry", "expected {url: \"http://host:8081\", ...} or a URL, "
+                         f"got {_got(value)}")
+            return None
+        return dict(value)
 
     def state_dir(self, value: Any, name: str | None) -> pathlib.Path | None:
         if value is None:

@@ -27,6 +27,7 @@ import urllib.request
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from runner.config import Config, setting
 from runner.errors import FatalError, RetryableError
 from runner.schema.registry import (
     COMPATIBILITY_MODES,
@@ -52,6 +53,21 @@ class _ApiError(FatalError):
         self.status = status
         self.code = code  # Confluent's error_code (40401...), or the HTTP status
         self.server_message = server_message
+
+
+class RegistryOptions(Config):
+    """`schema_registry:` in a spec."""
+
+    url: str = setting(help="The registry's URL; several, comma-separated, are tried in turn.")
+    username: str | None = setting(None, help="Basic-auth user name.")
+    password: str | None = setting(None, help="Basic-auth password; write it as ${ENV_VAR}.", secret=True)
+    timeout: float = setting(10.0, help="Seconds a request may take.", min=0.1)
+    ssl_cafile: str | None = setting(None, help="CA bundle to verify an https registry.")
+
+    def open(self) -> RemoteSchemaRegistry:
+        return RemoteSchemaRegistry(
+            self.url, username=self.username, password=self.password, timeout=self.timeout, ssl_cafile=self.ssl_cafile
+        )
 
 
 class RemoteSchemaRegistry:
