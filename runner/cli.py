@@ -5,6 +5,7 @@ traceback."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -73,9 +74,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.obj = {"debug": debug}
     if debug:
-        import logging
-
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
+    else:
+        # Warnings (retries, a cluster without idempotent producers) as one line each.
+        # The Kafka client's own logs only with --debug: its failures reach the user as
+        # our errors, which say what to check.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("pipeline: %(message)s"))
+        handler.addFilter(lambda record: not record.name.startswith("aiokafka"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def _host() -> PluginHost:

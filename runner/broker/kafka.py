@@ -29,12 +29,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import ssl
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.helpers import create_ssl_context
 
 from runner.broker.base import (
@@ -125,10 +134,40 @@ def _reason(exc: BaseException) -> str:
     """aiokafka's message, without its repeated type name or Python reprs of addresses."""
     if isinstance(exc, KafkaConnectionError):
         return "no broker answered"
-    text = str(exc)
+    text = re.sub(r"\s*<[^>]*>", "", str(exc)).rstrip(": ")  # no Python reprs
     name = type(exc).__name__
     text = text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
     return f"{name}: {text}" if text else name
+
+
+class _ConnectFailures(logging.Handler):
+    """Keeps the last reason aiokafka gives for not connecting (it logs the reason, and
+    raises only "Unable to bootstrap")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if args and isinstance(args[-1], BaseException):
+            self.last = args[-1]
+
+
+def _connect_failure(exc: BaseException, security: SecurityOptions) -> tuple[str, str]:
+    """Why the cluster could not be reached, in a few words, and what to check."""
+    check_security = "check broker.kafka.security against the listener's settings"
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return f"the broker does not accept SASL mechanism {security.sasl_mechanism}", check_security
+    if isinstance(exc, (SaslAuthenticationFailed, AuthenticationFailedError)):
+        return f"the broker refused the credentials of user {security.username!r}", check_security
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or type(exc).__name__})", check_security
+    if security.protocol in ("SSL", "SASL_SSL") and isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return "no TLS handshake (is the listener plain text?)", check_security
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused", "check broker.kafka.bootstrap_servers and that the cluster is up"
+    return _reason(exc), "check broker.kafka.bootstrap_servers and that the cluster is up"
 
 
 def _error(exc: BaseException, doing: str) -> Exception:
@@ -156,6 +195,8 @@ class KafkaBroker:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        failures = _ConnectFailures()
+        logging.getLogger("aiokafka").addHandler(failures)
         try:
             self._admin = AIOKafkaAdminClient(**self.settings)
             await self._admin.start()
@@ -165,10 +206,10 @@ class KafkaBroker:
             await self.close()
             if not isinstance(exc, Exception):
                 raise  # cancelled: the clients are closed, nothing to report
-            raise FatalError(
-                f"cannot reach Kafka at {self.options.bootstrap_servers}: {_reason(exc)}",
-                hint="check broker.kafka.bootstrap_servers and that the cluster is up",
-            ) from exc
+            cause, hint = _connect_failure(failures.last or exc, self.options.security_options())
+            raise FatalError(f"cannot reach Kafka at {self.options.bootstrap_servers}: {cause}", hint=hint) from exc
+        finally:
+            logging.getLogger("aiokafka").removeHandler(failures)
 
     async def _start_producer(self) -> AIOKafkaProducer:
         """An idempotent producer (a batch retried after a lost acknowledgement is not
@@ -258,7 +299,7 @@ class KafkaBroker:
             names = [
                 n for n in await self._admin.list_topics()
                 # Kafka's own, and ours (source offsets, source-task control topics)
-                if not n.startswith("__") and n != self.options.offsets_topic and not n.startswith("_pipeline")
+                if not n.startswith("__") and n != self.options.offsets_topic and not _is_control_topic(n)
             ]
         except Exception as exc:
             raise _error(exc, "list topics") from exc
@@ -506,6 +547,10 @@ class KafkaBroker:
         except Exception as exc:
             raise _error(exc, "list consumer groups") from exc
         return sorted([group for group, *_ in listed if await self.committed(group, topic)])
+
+
+def _is_control_topic(name: str) -> bool:
+    return name.startswith("_pipeline-") and name.endswith("-source-tasks")  # see worker.SourceGroup
 
 
 async def _end_of(sent: asyncio.Future, count: int) -> int:
