@@ -5,6 +5,7 @@ from runner.connector import hookimpl
 
 from connectors.http_log import HttpLogSource
 from connectors.jsonl import JsonlSink, JsonlSource
+from connectors.kafka import KafkaSink, KafkaSource
 from connectors.parquet import ParquetSink
 
 
@@ -14,3 +15,5 @@ def register_connectors(register):
     register(JsonlSink)
     register(HttpLogSource)
     register(ParquetSink)
+    register(KafkaSource)
+    register(KafkaSink)

@@ -135,7 +135,9 @@ class Config:
             try:
                 value = _check(mapping[info.name], hints[info.name], info.name)
             except _TypeProblem as exc:
-                problems.append((exc.key, exc.message))
+                # A secret's value is never shown, not even when it has the wrong type.
+                message = exc.message.split(", got ")[0] + ", got a value of another type" if info.secret else exc.message
+                problems.append((exc.key, message))
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if info.min is not None and value < info.min:

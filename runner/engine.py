@@ -254,7 +254,10 @@ class Pipeline:
             state_dir=state,
             topics=tuple(topics),
             schemas={t: self.spec.topics[t].schema for t in topics if t in self.spec.topics and self.spec.topics[t].schema is not None},
-            partitions={t: self.spec.topics[t].partitions for t in topics if t in self.spec.topics},
+            partitions={
+                t: self.spec.topics[t].partitions if t in self.spec.topics else 1  # the DLQ has 1
+                for t in topics
+            },
         )
 
     def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> Any:

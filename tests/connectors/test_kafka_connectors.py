@@ -12,10 +12,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as TP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from connectors.kafka import KafkaSink
+from runner.batch import Batch
+from runner.connector import ConnectorContext, FatalError, TopicPartition
 from tests.conftest import run_cli
 from tests.kafka_broker import Tansu, free_port
 
@@ -234,3 +238,71 @@ def test_validate_names_file_and_line_of_cluster_mistakes(tmp_path: Path) -> Non
     assert any(line.startswith(f"{spec}:18: sinks[0].config.topic_prefix") for line in lines)
     assert any(line.startswith(f"{spec}:21: sinks[0].config.cluster.producer.acks") and "acks=all" in line for line in lines)
     assert len(lines) == 5, result.stderr
+
+
+def test_sink_task_retries_add_no_duplicates_and_a_gap_stops_it(tmp_path: Path, kafka: Tansu) -> None:
+    """The sink's task driven through the contract, on a real target: a put the engine
+    retries, and a send whose outcome is unknown (read back before sending again), write
+    each record once; a record missing before later ones stops the task, naming it."""
+    context = ConnectorContext(
+        name="out", pipeline="p", spec_dir=tmp_path, state_dir=tmp_path / "state",
+        topics=("t",), schemas={}, partitions={"t": 1},
+    )
+    sink = KafkaSink(KafkaSink.Config.parse({"cluster": {"bootstrap_servers": kafka.bootstrap}, "topic_prefix": "c."}), context)
+    tp = TopicPartition("t", 0)
+
+    def batch(first: int, count: int) -> Batch:
+        offsets = list(range(first, first + count))
+        return Batch(
+            topic="t", partition=0, record_offsets=offsets, keys=[b"k"] * count,
+            values=[str(o).encode() for o in offsets], timestamps=[1000 + o for o in offsets],
+            headers=[{"h": b"x"}] * count,
+        )
+
+    async def main() -> None:
+        task = sink.task()
+        try:
+            assert await task.open([tp]) == {}  # empty target: the group's offsets decide
+            part = task.parts[tp]
+            await task.put(batch(0, 100))
+            await task.put(batch(0, 100))  # retried by the engine: nothing sent twice
+            await task.put(batch(50, 80))  # overlapping: only 100..129 are new
+            await task.flush()
+            # Sent, but the outcome unknown (as after a failed acknowledgement): read back.
+            await task.put(batch(130, 70))
+            part.state = "unsure"
+            await task.flush()
+            # Held, not sent (a send failed before it): read back, then sent.
+            part.state = "unsure"
+            await task.put(batch(200, 50))
+            await task.flush()
+        finally:
+            await task.close()
+        copy = (await read_all(kafka.bootstrap, "c.t", 1))[0]
+        assert [r.value for r in copy] == [str(o).encode() for o in range(250)]
+        assert all(r.headers == (("h", b"x"), (MARK, str(r.offset).encode())) for r in copy)
+
+        # A later record landed while 250.. did not: the task refuses to leave a gap.
+        await send_with_headers(kafka.bootstrap, "c.t", [(MARK, b"260")])
+        task = sink.task()
+        try:
+            assert await task.open([tp]) == {tp: 261}  # resumes after the target's last record
+            task.parts[tp].next_offset = None
+            task.parts[tp].end = 250
+            task.parts[tp].state = "unsure"
+            await task.put(batch(250, 20))
+            with pytest.raises(FatalError, match=r"c\.t\[0\] on .* lacks the record of source offset 250"):
+                await task.flush()
+        finally:
+            await task.close()
+
+    asyncio.run(main())
+
+
+async def send_with_headers(bootstrap: str, topic: str, headers: list[tuple[str, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await (await producer.send(topic, value=b"foreign", partition=0, headers=headers))
+    finally:
+        await producer.stop()
