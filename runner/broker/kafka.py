@@ -134,7 +134,7 @@ def _reason(exc: BaseException) -> str:
     """aiokafka's message, without its repeated type name or Python reprs of addresses."""
     if isinstance(exc, KafkaConnectionError):
         return "no broker answered"
-    text = re.sub(r"\s*<[^>]*>", "", str(exc)).rstrip(": ")  # no Python reprs
+    text = re.sub(r"\s*<[^>]*>", "", str(exc)).rstrip(":. ")  # no Python reprs
     name = type(exc).__name__
     text = text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
     return f"{name}: {text}" if text else name
@@ -353,18 +353,18 @@ class KafkaBroker:
 
     async def produce(self, batches: list[ProduceBatch], source_offsets: SourceOffsetCommit | None = None) -> None:
         assert self._producer is not None, "broker opened read-only"
+        futures: list[asyncio.Future] = []
         try:
-            futures = []
             for b in batches:
                 futures += await self._send(b)
-            if futures:
-                await asyncio.gather(*futures)
+            await _settle(futures)
             if source_offsets is not None and source_offsets.offsets:
                 offsets = await self._offsets_batch(source_offsets)
-                await asyncio.gather(*await self._send(offsets))
-        except (FatalError, RetryableError):
-            raise
-        except Exception as exc:
+                await _settle(await self._send(offsets))
+        except BaseException as exc:
+            await asyncio.gather(*futures, return_exceptions=True)  # none left unawaited
+            if isinstance(exc, (FatalError, RetryableError)) or not isinstance(exc, Exception):
+                raise
             raise _error(exc, "produce") from exc
 
     async def _send(self, b: ProduceBatch, tag: tuple[str, bytes] | None = None) -> list[asyncio.Future]:
@@ -376,15 +376,19 @@ class KafkaBroker:
         plain = [tag] if tag else None  # one list shared by every record without headers
         headers = b.headers or [None] * len(b.values)
         batch = self._producer.create_batch()
-        for key, value, ts, hs in zip(b.keys, b.values, b.timestamps, headers):
-            items = (list(hs.items()) + ([tag] if tag else [])) if hs else plain
-            if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
-                futures.append(await self._send_batch(batch, b))
-                batch = self._producer.create_batch()
+        try:
+            for key, value, ts, hs in zip(b.keys, b.values, b.timestamps, headers):
+                items = (list(hs.items()) + ([tag] if tag else [])) if hs else plain
                 if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
-                    raise FatalError(f"a record of {b.topic!r} is larger than the producer's max batch size")
-        if batch.record_count():
-            futures.append(await self._send_batch(batch, b))
+                    futures.append(await self._send_batch(batch, b))
+                    batch = self._producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
+                        raise FatalError(f"a record of {b.topic!r} is larger than the producer's max batch size")
+            if batch.record_count():
+                futures.append(await self._send_batch(batch, b))
+        except BaseException:
+            await asyncio.gather(*futures, return_exceptions=True)  # none left unawaited
+            raise
         return futures
 
     async def _send_batch(self, batch: Any, b: ProduceBatch) -> asyncio.Future:
@@ -427,7 +431,7 @@ class KafkaBroker:
             await self.ensure_topic(topic, 1, compact=True)
         record = ProduceBatch(topic, 0, [json.dumps(key).encode()], [json.dumps(value).encode()], [None])  # type: ignore[list-item]
         try:
-            await asyncio.gather(*await self._send(record))
+            await _settle(await self._send(record))
         except (FatalError, RetryableError):
             raise
         except Exception as exc:
@@ -547,6 +551,14 @@ class KafkaBroker:
         except Exception as exc:
             raise _error(exc, "list consumer groups") from exc
         return sorted([group for group, *_ in listed if await self.committed(group, topic)])
+
+
+async def _settle(futures: list[asyncio.Future]) -> None:
+    """Wait for every future, then raise the first failure (none is left unawaited)."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _is_control_topic(name: str) -> bool:

@@ -113,9 +113,19 @@ class KafkaSourceWriter:
                     b.headers[skip:] if b.headers else None,
                 )
             if b.values:
-                acks.append((tp, await self.broker.send_tagged(b, self.tag)))
-        for tp, futures in acks:
-            self.acked_end[tp] = max(await asyncio.gather(*futures))
+                try:
+                    acks.append((tp, await self.broker.send_tagged(b, self.tag)))
+                except BaseException:
+                    await asyncio.gather(*(f for _, fs in acks for f in fs), return_exceptions=True)
+                    raise
+        # Every acknowledgement settles before a failure is raised: nothing may still be in
+        # flight when the next try counts what landed.
+        settled = await asyncio.gather(*(asyncio.gather(*fs, return_exceptions=True) for _, fs in acks))
+        failures = [end for ends in settled for end in ends if isinstance(end, BaseException)]
+        if failures:
+            raise failures[0]
+        for (tp, _), ends in zip(acks, settled):
+            self.acked_end[tp] = max(ends)
         self.offsets.update(offsets)
         # While the source is still re-reading records a crash left in the topics, the
         # checkpoint waits: it must not move past records the stored offsets do not cover.
