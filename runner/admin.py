@@ -3,6 +3,7 @@ They open the broker read-only, so they work while `pipeline run` is writing."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 from runner.batch import json_default
 from runner.broker.base import TopicPartition
 from runner.engine import open_broker, open_registry, run_async
+from runner.runs import Run, RunHistory
 from runner.errors import UsageError
 from runner.schema.serde import AvroDecoder
 from runner.spec import Spec
@@ -124,3 +126,43 @@ def consume(
             await broker.close()
 
     return run_async(main)
+
+
+def runs(spec: Spec, source: str | None, limit: int) -> list[Run]:
+    """The run history of the spec's scheduled sources (oldest first)."""
+    path = spec.state_dir / "runs.db"
+    if source is not None and source not in {s.name for s in spec.sources}:
+        raise UsageError(f"no source {source!r} in {spec.file}", hint=f"sources: {', '.join(s.name for s in spec.sources) or 'none'}")
+    if not path.exists():
+        return []
+    history = RunHistory(path, read_only=True)
+    try:
+        return history.list(source, limit)
+    finally:
+        history.close()
+
+
+def schedules(spec: Spec, count: int, now: datetime.datetime | None = None) -> list[tuple[str, str, str, str, list[datetime.datetime]]]:
+    """Per scheduled source: name, schedule, catchup, last run ("outcome at time"), and
+    its next `count` run times."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    path = spec.state_dir / "runs.db"
+    history = RunHistory(path, read_only=True) if path.exists() else None
+    out = []
+    try:
+        for entry in spec.sources:
+            if entry.schedule is None:
+                continue
+            last = "-"
+            if history is not None:
+                done = [r for r in history.list(entry.name, 20) if r.outcome != "skipped"]
+                if done:
+                    r = done[-1]
+                    last = f"{r.outcome} at {r.started.strftime('%Y-%m-%d %H:%M:%S')}"
+            # Interval ticks count from the start of `pipeline run`; shown from now.
+            out.append((entry.name, entry.schedule.describe(), entry.schedule.catchup, last,
+                        entry.schedule.upcoming(now, count, anchor=now)))
+    finally:
+        if history is not None:
+            history.close()
+    return out

@@ -113,16 +113,29 @@ spec_option = click.option(
     default=None,
     help="Live records/s per connector on stderr (default: on when stderr is a terminal).",
 )
-def run(spec_path: str, once: bool, progress: bool | None) -> None:
+@click.option("--source", "sources", multiple=True, metavar="NAME",
+              help="Run only this source (repeatable); sinks are not started.")
+@click.option("--now", is_flag=True, help="With --source: run it once now, even if it has a schedule, and exit.")
+def run(spec_path: str, once: bool, progress: bool | None, sources: tuple[str, ...], now: bool) -> None:
     """Run a pipeline: every source and sink of SPEC, until stopped (Ctrl-C flushes,
-    commits and exits; a second Ctrl-C exits at once).
+    commits and exits; a second Ctrl-C exits at once). Sources with a `schedule:` run at
+    each tick (with --once: one run each).
 
     \b
-    Example:
+    Examples:
       pipeline run pipelines/jsonl-roundtrip.yaml --once
+      pipeline run pipelines/batch-to-stream.yaml --source exports --now
     """
     host = _host()
     spec = engine.check_spec(spec_path, host)
+    if now and not sources:
+        raise UsageError("--now runs the sources named by --source", hint="add --source NAME")
+    unknown = [name for name in sources if name not in {s.name for s in spec.sources}]
+    if unknown:
+        raise UsageError(
+            f"no source {unknown[0]!r} in {spec_path}",
+            hint=f"sources: {', '.join(s.name for s in spec.sources) or 'none'}",
+        )
     for plugin in host.plugins:
         if plugin.broken:
             click.echo(f"warning: plugin {plugin.name!r} is broken ({plugin.error}); see `pipeline plugins`", err=True)
@@ -130,7 +143,7 @@ def run(spec_path: str, once: bool, progress: bool | None) -> None:
         progress = sys.stderr.isatty()
     show = _Progress() if progress else None
     try:
-        result = engine.run(spec, host, once=once, progress=show)
+        result = engine.run(spec, host, once=once, progress=show, only_sources=list(sources) or None, now=now)
     except PipelineError as exc:
         if show is not None:
             show.clear()
@@ -189,6 +202,53 @@ def validate(spec_path: str) -> None:
         f"{spec_path}: ok — {len(spec.sources)} source(s), {len(spec.sinks)} sink(s), "
         f"{len(spec.topics)} topic(s), broker {spec.broker.kind}, state in {spec.state_dir}"
     )
+
+
+# -- schedules and run history -------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", required=False, envvar="PIPELINE_SPEC", type=click.Path(dir_okay=False))
+@click.option("--source", metavar="NAME", help="Only this source's runs.")
+@click.option("--last", "limit", type=click.IntRange(1), default=50, show_default=True, help="How many runs to show.")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON lines.")
+def runs(spec_path: str | None, source: str | None, limit: int, as_json: bool) -> None:
+    """The run history of SPEC's scheduled sources: start, end, outcome, records, files,
+    errors, next run (skipped ticks and interrupted runs too)."""
+    spec = _spec(spec_path)
+    listed = admin.runs(spec, source, limit)
+    if as_json:
+        for r in listed:
+            click.echo(json.dumps(r.as_json()))
+        return
+    if not listed:
+        click.echo("no runs yet", err=True)
+        return
+    rows = [("id", "source", "trigger", "started", "ended", "outcome", "records", "files", "errors", "next run", "message")]
+    for r in listed:
+        name = r.source if r.task == 0 else f"{r.source}#{r.task}"
+        rows.append((str(r.id), name, r.trigger, _when(r.started), _when(r.ended), r.outcome, f"{r.records:,}",
+                     str(r.files), str(r.errors), _when(r.next_run), (r.message or "")[:60]))
+    _table(rows)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True, help="Next run times per source.")
+def schedule(spec_path: str, count: int) -> None:
+    """Each scheduled source of SPEC: its schedule, its last run and its next run times."""
+    spec = engine.check_spec(spec_path, _host())
+    rows = [("source", "schedule", "catchup", "last run", "next runs (UTC)")]
+    for name, described, catchup, last, upcoming in admin.schedules(spec, count):
+        rows.append((name, described, catchup, last, ", ".join(_when(t) for t in upcoming)))
+    if len(rows) == 1:
+        click.echo(f"{spec_path}: no source has a schedule", err=True)
+        return
+    _table(rows)
+
+
+def _when(t: Any) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"
 
 
 # -- plugins and connectors --------------------------------------------------------------

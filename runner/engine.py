@@ -25,7 +25,19 @@ from runner.schema.registry import SchemaRegistry
 from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
-from runner.worker import Counters, DeadLetters, SinkRunner, SourceGroup, SourceRunner, SourceSlot, Topic, first_error
+from runner.runs import RunHistory
+from runner.schedule import Clock, SystemClock
+from runner.worker import (
+    Counters,
+    DeadLetters,
+    ScheduledRunner,
+    SinkRunner,
+    SourceGroup,
+    SourceRunner,
+    SourceSlot,
+    Topic,
+    first_error,
+)
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -138,11 +150,19 @@ class Pipeline:
         *,
         once: bool = False,
         progress: Callable[[list[Counters], float], None] | None = None,
+        only_sources: list[str] | None = None,
+        now: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         self.spec = spec
         self.host = host
-        self.once = once
+        # `only_sources`: run just these sources (no sinks); with `now`, scheduled ones run
+        # once, at once, and the run ends.
+        self.only_sources = only_sources
+        self.now = now
+        self.once = once or now
         self.progress = progress
+        self.clock = clock or SystemClock()
         self.stop_event = asyncio.Event()
         self.counters: list[Counters] = []
         self.signalled = 0
@@ -209,7 +229,10 @@ class Pipeline:
             source_group = SourceGroup(
                 spec.name, self._source_slots(topics, broker, dead_letters), broker, self.stop_event, self.once
             )
-            sink_runners = self._sink_runners(topics, broker, registry, dead_letters, sources_done)
+            sink_runners = (
+                [] if self.only_sources is not None
+                else self._sink_runners(topics, broker, registry, dead_letters, sources_done)
+            )
 
             async def sources() -> None:
                 await source_group.run()
@@ -229,6 +252,8 @@ class Pipeline:
                     ticker.cancel()
         finally:
             registry.close()
+            if self.history is not None:
+                self.history.close()
             await broker.close()
 
     async def _tick(self) -> None:
@@ -271,10 +296,15 @@ class Pipeline:
             raise FatalError(f"{entry.name}: invalid config: {exc}") from None
         return reg.cls(config, self._context(entry, topics))
 
+    history: RunHistory | None = None
+
     def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
         slots = []
         writes = [dead_letters.topic.name] if dead_letters.topic is not None else []
-        for entry in self.spec.sources:
+        entries = [e for e in self.spec.sources if self.only_sources is None or e.name in self.only_sources]
+        if any(e.schedule is not None for e in entries):
+            self.history = RunHistory(self.spec.state_dir / "runs.db")
+        for entry in entries:
             source = self._build("source", entry, [entry.topic])
             counters = Counters(entry.name, "source", target=source.target())
             self.counters.append(counters)
@@ -286,7 +316,14 @@ class Pipeline:
                     task = source.tasks()[index]
                     return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop)
 
-                slots.append(SourceSlot(entry.name, index, runner))
+                if entry.schedule is not None:
+                    assert self.history is not None
+                    once = ("now" if self.now else "once") if self.once else None
+                    scheduled = ScheduledRunner(entry.name, index, runner, entry.schedule, self.clock, self.history,
+                                                self.stop_event, once)
+                    slots.append(SourceSlot(entry.name, index, lambda stop, r=scheduled: r))
+                else:
+                    slots.append(SourceSlot(entry.name, index, runner))
         return slots
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
@@ -324,9 +361,14 @@ def run(
     *,
     once: bool = False,
     progress: Callable[[list[Counters], float], None] | None = None,
+    only_sources: list[str] | None = None,
+    now: bool = False,
+    clock: Clock | None = None,
 ) -> RunResult:
-    """Run a pipeline to its end; `progress` is called about once a second."""
-    return run_async(Pipeline(spec, host, once=once, progress=progress).run)
+    """Run a pipeline to its end; `progress` is called about once a second. See
+    `Pipeline` for `only_sources`, `now` and `clock`."""
+    pipeline = Pipeline(spec, host, once=once, progress=progress, only_sources=only_sources, now=now, clock=clock)
+    return run_async(pipeline.run)
 
 
 def run_async(main: Callable[[], Awaitable[T]]) -> T:

@@ -35,6 +35,7 @@ from ruamel.yaml.resolver import VersionedResolver
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from runner.errors import Problem, SpecError
+from runner.schedule import Schedule, ScheduleError
 
 __all__ = [
     "BrokerSpec",
@@ -66,6 +67,7 @@ class ConnectorSpec:
     topic: str | None = None  # sources
     topics: list[str] = field(default_factory=list)  # sinks
     key_path: str = ""  # e.g. "sources[0]" — for error messages
+    schedule: Schedule | None = None  # sources: run as a bounded job at each tick
 
 
 @dataclass
@@ -111,7 +113,7 @@ CheckConnector = Callable[[str, ConnectorSpec, str], list[Problem]]
 
 _TOP_KEYS = ("name", "state_dir", "broker", "schema_registry", "topics", "sources", "sinks", "errors")
 _TOPIC_KEYS = ("partitions", "schema", "key")
-_SOURCE_KEYS = ("name", "connector", "topic", "config")
+_SOURCE_KEYS = ("name", "connector", "topic", "config", "schedule")
 _SINK_KEYS = ("name", "connector", "topics", "config")
 _ERRORS_KEYS = ("tolerance", "dead_letter_topic")
 _BROKER_KINDS = ("embedded", "kafka")
@@ -706,6 +708,13 @@ class _Loader:
                         self.declared(t, tpath, topics, dlq)
                         topic_list.append(t)
 
+        schedule = None
+        if kind == "source" and entry.get("schedule") is not None:
+            try:
+                schedule = Schedule.parse(entry["schedule"])
+            except ScheduleError as exc:
+                self.problem(f"{path}.schedule", str(exc))
+
         core = (f"{path}.connector", f"{path}.config")
         tainted = any(m == path or m.startswith(core) for m in self.muted)
         if not core_ok or name is None or tainted:
@@ -718,6 +727,7 @@ class _Loader:
             topic=topic,
             topics=topic_list,
             key_path=path,
+            schedule=schedule,
         )
 
     def declared(
