@@ -10,6 +10,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.sqlite import use_wal
+
 UTC = dt.timezone.utc
 
 _SCHEMA = """
@@ -71,8 +73,8 @@ class RunHistory:
             self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(path, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            use_wal(self.conn)
             self.conn.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ from avro.compatibility import (
 )
 
 from runner.errors import FatalError, RetryableError
+from runner.sqlite import use_wal
 
 DEFAULT_COMPATIBILITY = "BACKWARD"
 
@@ -123,7 +124,7 @@ class SchemaRegistry:
         self._schemas: dict[int, str] = {}  # id -> text; ids never change, so never stale
         self._parsed: dict[int, _Parsed] = {}
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            use_wal(self._db)
             # A lost schema makes every record written with it unreadable, and
             # registrations are rare: pay for a full fsync.
             self._db.execute("PRAGMA synchronous=FULL")
