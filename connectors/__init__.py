@@ -3,6 +3,7 @@ third-party plugin (see the `builtin` entry point in pyproject.toml)."""
 
 from runner.connector import hookimpl
 
+from connectors.files import FilesSource
 from connectors.http_log import HttpLogSource
 from connectors.jsonl import JsonlSink, JsonlSource
 from connectors.kafka import KafkaSink, KafkaSource
@@ -14,6 +15,7 @@ def register_connectors(register):
     register(JsonlSource)
     register(JsonlSink)
     register(HttpLogSource)
+    register(FilesSource)
     register(ParquetSink)
     register(KafkaSource)
     register(KafkaSink)

@@ -291,7 +291,7 @@ def test_unknown_keys_everywhere(tmp_path: pathlib.Path) -> None:
           - name: gen
             conector: generator
             topic: events
-            schedule: "*/5 * * * *"
+            shedule: "*/5 * * * *"
         errors: {tolerence: all}
     """)
     ps = problems(path, env={})
@@ -299,8 +299,7 @@ def test_unknown_keys_everywhere(tmp_path: pathlib.Path) -> None:
         (4, "topics.events.partition", "unknown key 'partition'; did you mean 'partitions'?"),
         # (no "connector is missing" as well: the suggestion already says so)
         (8, "sources[0].conector", "unknown key 'conector'; did you mean 'connector'?"),
-        (10, "sources[0].schedule",
-         "unknown key 'schedule' (expected one of: name, connector, topic, config)"),
+        (10, "sources[0].shedule", "unknown key 'shedule'; did you mean 'schedule'?"),
         (11, "errors.tolerence", "unknown key 'tolerence'; did you mean 'tolerance'?"),
     ]
 
