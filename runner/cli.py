@@ -208,14 +208,16 @@ def validate(spec_path: str) -> None:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", required=False, envvar="PIPELINE_SPEC", type=click.Path(dir_okay=False))
+@click.argument("spec_arg", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@spec_option
 @click.option("--source", metavar="NAME", help="Only this source's runs.")
 @click.option("--last", "limit", type=click.IntRange(1), default=50, show_default=True, help="How many runs to show.")
 @click.option("--json", "as_json", is_flag=True, help="Output JSON lines.")
-def runs(spec_path: str | None, source: str | None, limit: int, as_json: bool) -> None:
-    """The run history of SPEC's scheduled sources: start, end, outcome, records, files,
-    errors, next run (skipped ticks and interrupted runs too)."""
-    spec = _spec(spec_path)
+def runs(spec_arg: str | None, spec_path: str | None, source: str | None, limit: int, as_json: bool) -> None:
+    """The run history of the spec's scheduled sources: start, end, outcome, records,
+    files, errors, next run (skipped ticks and interrupted runs too). The spec is SPEC or
+    --spec."""
+    spec = _spec(spec_arg or spec_path)
     listed = admin.runs(spec, source, limit)
     if as_json:
         for r in listed:

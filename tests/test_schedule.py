@@ -359,3 +359,24 @@ sources:
     consumed = run_cli("consume", "t", "--from-beginning", "--spec", spec, timeout=120)
     values = [json.loads(line)["a"] for line in consumed.stdout.splitlines()]
     assert sorted(values) == list(range(count))  # every record once
+
+
+def test_http_log_under_a_schedule_reads_only_what_was_appended(tmp_path: Path) -> None:
+    line = '203.0.113.{n} - - [24/Nov/2026:10:00:{s:02d} +0000] "GET /p{n} HTTP/1.1" 200 {n} "-" "curl/8"\n'
+    log = tmp_path / "access.log"
+    log.write_text("".join(line.format(n=n, s=n % 60) for n in range(10)))
+    schema = json.dumps(str(Path(__file__).resolve().parents[1] / "pipelines" / "schemas" / "activity.avsc"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""\
+name: logs
+topics:
+  activity: {{partitions: 1, schema: {schema}}}
+sources:
+  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["access.log"]}}, schedule: "*/10 * * * *"}}
+""")
+    assert run_cli("run", spec, "--source", "logs", "--now").returncode == 0
+    with open(log, "a") as out:
+        out.write("".join(line.format(n=n, s=n % 60) for n in range(10, 13)))
+    assert run_cli("run", spec, "--source", "logs", "--now").returncode == 0
+    runs = [json.loads(x) for x in run_cli("runs", spec, "--json").stdout.splitlines()]
+    assert [r["records"] for r in runs] == [10, 3]
