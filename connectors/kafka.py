@@ -4,9 +4,10 @@ Both name their cluster with `cluster:`, a mapping with the same settings as the
 `broker: {kafka: ...}` (bootstrap_servers, client_id, security, producer, consumer,
 replication_factor, request_timeout_ms). It is parsed and checked with
 `runner.broker.kafka.KafkaOptions` and turned into aiokafka settings with
-`runner.broker.kafka.client_settings`: those two are the public helpers for connectors
-that talk to Kafka; this module uses nothing else of `runner.broker`. Secrets
-(`security.password`) are never shown in messages.
+`runner.broker.kafka.client_settings`; errors become ours with `kafka_error` (`reason`,
+`retriable`). Those are the public helpers for connectors that talk to Kafka; this module
+uses nothing else of `runner.broker`. Secrets (`security.password`) are never shown in
+messages.
 
 The sink: replication (MirrorMaker-style)
 -----------------------------------------
@@ -72,15 +73,10 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    TopicAlreadyExistsError,
-)
+from aiokafka.errors import TopicAlreadyExistsError
 
 from runner.batch import Batch
-from runner.broker.kafka import KafkaOptions, client_settings
+from runner.broker.kafka import KafkaOptions, client_settings, kafka_error, reason, retriable
 from runner.connector import (
     Config,
     ConfigError,
@@ -115,25 +111,14 @@ class _ClusterConfig(Config):
     )
 
     @classmethod
-    def parse(cls, mapping: dict[str, Any] | None) -> Config:
-        problems: list[tuple[str, str]] = []
+    def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+        cluster = given.get("cluster")
+        if not isinstance(cluster, dict):
+            return []
         try:
-            config = super().parse(mapping)
+            KafkaOptions.parse(cluster)
         except ConfigError as exc:
-            problems, config = list(exc.problems), None
-        cluster = (mapping or {}).get("cluster")
-        if isinstance(cluster, dict):
-            try:
-                KafkaOptions.parse(cluster)
-            except ConfigError as exc:
-                problems += [(f"cluster.{k}" if k else "cluster", m) for k, m in exc.problems]
-            problems += cls._check_cluster(cluster)
-        if problems:
-            raise ConfigError(problems)
-        return config
-
-    @classmethod
-    def _check_cluster(cls, cluster: dict[str, Any]) -> list[tuple[str, str]]:
+            return [(f"cluster.{k}" if k else "cluster", m) for k, m in exc.problems]
         return []
 
     def options(self) -> KafkaOptions:
@@ -145,36 +130,9 @@ class _ClusterConfig(Config):
         return text.replace(repr(password), "'***'") if password else text
 
 
-def _reason(exc: BaseException) -> str:
-    """aiokafka's message in one line, without Python reprs (never the settings)."""
-    if isinstance(exc, KafkaConnectionError):
-        return "no broker answered"
-    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    text = text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
-    return f"{name}: {text}" if text else name
-
-
-def _retriable(exc: BaseException) -> bool:
-    return isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)) or (
-        isinstance(exc, KafkaError) and exc.retriable
-    )
-
-
-def _error(exc: BaseException, doing: str) -> Exception:
-    """An aiokafka error as ours: retriable ones are retried by the engine with backoff."""
-    if isinstance(exc, (RetryableError, FatalError)):
-        return exc
-    if _retriable(exc):
-        return RetryableError(f"{doing}: {_reason(exc)}")
-    return FatalError(f"{doing}: {_reason(exc)}")
-
-
 def _unreachable(connector: str, what: str, servers: str, exc: BaseException) -> FatalError:
     return FatalError(
-        f"{connector}: cannot reach the {what} Kafka cluster at {servers}: {_reason(exc)}",
+        f"{connector}: cannot reach the {what} Kafka cluster at {servers}: {reason(exc)}",
         hint="check config.cluster.bootstrap_servers (and security) and that the cluster is up",
     )
 
@@ -249,25 +207,15 @@ class KafkaSink(Sink):
         )
 
         @classmethod
-        def parse(cls, mapping: dict[str, Any] | None) -> Config:
-            problems: list[tuple[str, str]] = []
-            try:
-                config = super().parse(mapping)
-            except ConfigError as exc:
-                problems, config = list(exc.problems), None
-            prefix = (mapping or {}).get("topic_prefix")
+        def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+            problems = super().check(given)
+            prefix = given.get("topic_prefix")
             if isinstance(prefix, str) and not _TOPIC_CHARS.fullmatch(prefix):
                 problems.append(("topic_prefix", f"{prefix!r} may hold only letters, digits, '.', '_' and '-' (it becomes part of topic names)"))
-            if problems:
-                raise ConfigError(problems)
-            return config
-
-        @classmethod
-        def _check_cluster(cls, cluster: dict[str, Any]) -> list[tuple[str, str]]:
-            producer = cluster.get("producer")
+            producer = given.get("cluster", {}).get("producer") if isinstance(given.get("cluster"), dict) else None
             if isinstance(producer, dict) and "acks" in producer:
-                return [("cluster.producer.acks", "the kafka sink always writes with acks=all (its exactly-once needs it)")]
-            return []
+                problems.append(("cluster.producer.acks", "the kafka sink always writes with acks=all (its exactly-once needs it)"))
+            return problems
 
     def target(self) -> str:
         topics = ", ".join(self.config.topic_prefix + t for t in self.context.topics)
@@ -379,7 +327,7 @@ class KafkaSinkTask(SinkTask):
         except (FatalError, RetryableError):
             raise
         except Exception as exc:
-            raise FatalError(f"{self.name}: target cluster {self.servers}: create topics: {_reason(exc)}") from exc
+            raise FatalError(f"{self.name}: target cluster {self.servers}: create topics: {reason(exc)}") from exc
         finally:
             await admin.close()
 
@@ -408,7 +356,7 @@ class KafkaSinkTask(SinkTask):
             starts = {tp: listed[tp] - 1 for tp in targets if listed[tp] > 0}
             records, ends = await _scan(self.reader, starts, self.timeout) if starts else ({}, {})
         except Exception as exc:
-            raise _error(exc, f"{self.name}: read the target partitions' last records on {self.servers}") from exc
+            raise kafka_error(exc, f"{self.name}: read the target partitions' last records on {self.servers}") from exc
         out: dict[KafkaTP, tuple[int | None, int]] = {}
         for tp in targets:
             if tp not in starts:
@@ -489,11 +437,11 @@ class KafkaSinkTask(SinkTask):
         part = failed[0]
         assert part.failure is not None
         doing = f"{self.name}: write to {part.target.topic}[{part.target.partition}] on {self.servers}"
-        if all(_retriable(p.failure) for p in failed if p.failure is not None):
-            raise RetryableError(f"{doing}: {_reason(part.failure)}")
+        if all(retriable(p.failure) for p in failed if p.failure is not None):
+            raise RetryableError(f"{doing}: {reason(part.failure)}")
         for p in failed:  # say so if a gap is why, before stopping
             await self._reconcile(p)
-        raise FatalError(f"{doing}: {_reason(part.failure)}")
+        raise FatalError(f"{doing}: {reason(part.failure)}")
 
     async def _recover(self, part: _Partition) -> None:
         """After a failed send: read back what landed, then send the rest, in order."""
@@ -505,7 +453,7 @@ class KafkaSinkTask(SinkTask):
                 await self._send(part, batch, start)
         except Exception as exc:
             part.state, part.failure = "unsure", exc
-            raise _error(exc, f"{self.name}: write to {part.target.topic}[{part.target.partition}] on {self.servers}") from exc
+            raise kafka_error(exc, f"{self.name}: write to {part.target.topic}[{part.target.partition}] on {self.servers}") from exc
         part.state, part.failure = "ok", None
 
     async def _reconcile(self, part: _Partition) -> None:
@@ -518,14 +466,14 @@ class KafkaSinkTask(SinkTask):
         try:
             records, ends = await _scan(self.reader, {part.target: part.end}, self.timeout)
         except Exception as exc:
-            raise _error(exc, f"{self.name}: read back {where}") from exc
+            raise kafka_error(exc, f"{self.name}: read back {where}") from exc
         landed = [o for o in map(_source_offset, records[part.target]) if o is not None]
         expected = (o for batch, start in part.held for o in batch.record_offsets[start:])
         for i, (got, want) in enumerate(zip(landed, expected)):
             if got != want:
                 raise FatalError(
                     f"{self.name}: {where} lacks the record of source offset {want} but has "
-                    f"later ones: a write failed ({_reason(part.failure) if part.failure else 'unknown'}) "
+                    f"later ones: a write failed ({reason(part.failure) if part.failure else 'unknown'}) "
                     "while later records of the partition landed",
                     hint="copy this partition again into a fresh target topic; with "
                     "cluster.producer.enable_idempotence: true (on Kafka) this cannot happen",
@@ -601,18 +549,11 @@ class KafkaSource(Source):
         )
 
         @classmethod
-        def parse(cls, mapping: dict[str, Any] | None) -> Config:
-            problems: list[tuple[str, str]] = []
-            try:
-                config = super().parse(mapping)
-            except ConfigError as exc:
-                problems, config = list(exc.problems), None
-            topics = (mapping or {}).get("topics")
-            if isinstance(topics, list) and not topics:
+        def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+            problems = super().check(given)
+            if isinstance(given.get("topics"), list) and not given["topics"]:
                 problems.append(("topics", "name at least one topic"))
-            if problems:
-                raise ConfigError(problems)
-            return config
+            return problems
 
     def target(self) -> str:
         return f"{', '.join(self.config.topics)} on {self.config.options().bootstrap_servers}"
@@ -664,7 +605,7 @@ class KafkaSourceTask(SourceTask):
                 self.ends = await _end_offsets(probe, tps, self.timeout)
             beginnings = await probe.beginning_offsets(tps)
         except Exception as exc:
-            raise _error(exc, f"{self.name}: find the partitions' offsets on {self.servers}") from exc
+            raise kafka_error(exc, f"{self.name}: find the partitions' offsets on {self.servers}") from exc
         finally:
             await probe.stop()
         for tp in tps:
@@ -689,7 +630,7 @@ class KafkaSourceTask(SourceTask):
         try:
             got = await self.consumer.getmany(timeout_ms=1000, max_records=self.config.batch_size)
         except Exception as exc:
-            raise _error(exc, f"{self.name}: fetch from {self.servers}") from exc
+            raise kafka_error(exc, f"{self.name}: fetch from {self.servers}") from exc
         rows: list[dict[str, Any]] = []
         positions: list[str] = []
         errors: list[RecordError] = []

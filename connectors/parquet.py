@@ -104,7 +104,6 @@ import pyarrow.parquet as pq
 from runner.batch import Batch
 from runner.connector import (
     Config,
-    ConfigError,
     FatalError,
     Sink,
     SinkTask,
@@ -254,27 +253,20 @@ class ParquetSink(Sink):
         )
 
         @classmethod
-        def parse(cls, mapping: dict[str, Any] | None) -> Config:
-            problems: list[tuple[str, str]] = []
-            try:
-                config = super().parse(mapping)
-            except ConfigError as exc:
-                problems, config = list(exc.problems), None
-            raw = dict(mapping or {})
-            interval = raw.get("rotate_interval")
+        def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+            problems = []
+            interval = given.get("rotate_interval")
             if isinstance(interval, str):
                 try:
                     parse_interval(interval)
                 except ValueError as exc:
                     problems.append(("rotate_interval", str(exc)))
-            layout = raw.get("layout")
+            layout = given.get("layout")
             if isinstance(layout, str):
                 problem = _check_layout(layout)
                 if problem:
                     problems.append(("layout", problem))
-            if problems:
-                raise ConfigError(problems)
-            return config
+            return problems
 
     def target(self) -> str:
         topics = self.context.topics

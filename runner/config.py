@@ -10,7 +10,9 @@ A connector declares its settings as a nested `Config` class::
 That one declaration drives validation of the spec's `config:` mapping (unknown keys,
 missing required keys and wrong types are reported all at once, each with its key),
 `pipeline connectors show NAME` (type, default, description), and safe printing (secrets
-are masked in `repr` and in every listing).
+are masked in `repr` and in every listing). Checks the types cannot say (a value's form,
+one setting against another) go in a `check` classmethod; their problems are reported
+together with the rest.
 
 Supported annotations: `str`, `int`, `float`, `bool`, `list[X]`, `dict[str, X]`,
 `Literal[...]`, `X | None` and `Any`.
@@ -147,9 +149,17 @@ class Config:
                     problems.append((info.name, f"must be at most {info.max:g}, got {value}"))
                     continue
             values[info.name] = value
+        problems += cls.check(mapping)
         if problems:
             raise ConfigError(problems)
         return cls(**values)
+
+    @classmethod
+    def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+        """Problems beyond the types, as (key, message): override to check a value's form
+        or one setting against another. `given` is the raw mapping, and may hold values of
+        the wrong type (those are reported already): check only what has the right type."""
+        return []
 
     def __repr__(self) -> str:
         parts = []

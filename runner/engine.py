@@ -163,6 +163,7 @@ class Pipeline:
         self.once = once or now
         self.progress = progress
         self.clock = clock or SystemClock()
+        self.history: RunHistory | None = None  # opened when a source has a schedule
         self.stop_event = asyncio.Event()
         self.counters: list[Counters] = []
         self.signalled = 0
@@ -295,8 +296,6 @@ class Pipeline:
         except ConfigError as exc:
             raise FatalError(f"{entry.name}: invalid config: {exc}") from None
         return reg.cls(config, self._context(entry, topics))
-
-    history: RunHistory | None = None
 
     def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
         slots = []

@@ -307,7 +307,7 @@ class ScheduledRunner:
             try:
                 await runner.run()
                 failure = None
-            except (PipelineError, Exception) as exc:  # a failed run does not stop the pipeline
+            except Exception as exc:  # a failed run does not stop the pipeline
                 failure = exc
             records += runner.produced
             errors += runner.errored

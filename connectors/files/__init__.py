@@ -103,7 +103,6 @@ Records are not keyed here: set `key:` on the topic.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import errno
 import glob
 import hashlib
@@ -122,7 +121,6 @@ from typing import Any, BinaryIO, Literal
 from runner.batch import Batch
 from runner.connector import (
     Config,
-    ConfigError,
     FatalError,
     RecordError,
     Source,
@@ -132,6 +130,7 @@ from runner.connector import (
 
 from connectors.files.convert import plan_for
 from connectors.files.readers import READ_ERRORS, FailedReader, Reader, Settings, Unreadable, open_reader
+from connectors.http_log import encoding_problems
 from connectors.http_log.formats import NAMED_FORMATS, FormatError, compile_format
 
 __all__ = ["FilesSource", "FilesSourceTask"]
@@ -187,14 +186,8 @@ class FilesSource(Source):
         )
 
         @classmethod
-        def parse(cls, mapping: dict[str, Any] | None) -> Config:
-            problems: list[tuple[str, str]] = []
-            config = None
-            try:
-                config = super().parse(mapping)
-            except ConfigError as exc:
-                problems += exc.problems
-            given = mapping or {}
+        def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+            problems = []
             fmt = given.get("format")
             if isinstance(given.get("paths"), list) and not given["paths"]:
                 problems.append(("paths", "give at least one glob pattern"))
@@ -206,22 +199,14 @@ class FilesSource(Source):
             delimiter = given.get("delimiter", ",")
             if isinstance(delimiter, str) and len(delimiter) != 1:
                 problems.append(("delimiter", f"must be one character, got {delimiter!r}"))
-            encoding = given.get("encoding", "utf-8")
-            if isinstance(encoding, str):
-                try:
-                    if codecs.lookup(encoding).encode("\n")[0] != b"\n":
-                        problems.append(("encoding", f"{encoding!r} is not ASCII-compatible (lines end in b'\\n')"))
-                except LookupError:
-                    problems.append(("encoding", f"unknown encoding {encoding!r}"))
+            problems += encoding_problems(given.get("encoding", "utf-8"))
             log_format = given.get("log_format", "combined")
             if isinstance(log_format, str):
                 try:
                     compile_format(log_format)
                 except FormatError as exc:
                     problems.append(("log_format", str(exc)))
-            if problems:
-                raise ConfigError(problems)
-            return config
+            return problems
 
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)

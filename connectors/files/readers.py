@@ -45,6 +45,8 @@ class Chunk:
 
 
 class Reader:
+    """Reads one file of one format; subclasses (one per format) implement `read`."""
+
     #: between the path and the number in positions
     sep = ":"
     path: str
@@ -55,7 +57,8 @@ class Reader:
     failure: str | None = None
 
     def read(self, n: int) -> Chunk:
-        raise NotImplementedError
+        """Up to `n` records from where the reader stands; sets `done` at the file's end."""
+        raise NotImplementedError  # every format's reader defines it
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -41,7 +41,6 @@ from typing import Any
 from runner.batch import Batch
 from runner.connector import (
     Config,
-    ConfigError,
     FatalError,
     RecordError,
     Source,
@@ -58,7 +57,20 @@ from connectors.http_log.formats import (
     compile_format,
 )
 
-__all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format"]
+__all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format", "encoding_problems"]
+
+
+def encoding_problems(encoding: Any) -> list[tuple[str, str]]:
+    """The `encoding` setting of a line-reading source: known, and ASCII-compatible (lines
+    are split at b"\\n" before decoding)."""
+    if not isinstance(encoding, str):
+        return []
+    try:
+        if codecs.lookup(encoding).encode("\n")[0] != b"\n":
+            return [("encoding", f"{encoding!r} is not ASCII-compatible (lines end in b'\\n')")]
+    except LookupError:
+        return [("encoding", f"unknown encoding {encoding!r}")]
+    return []
 
 
 class HttpLogSource(Source):
@@ -92,32 +104,18 @@ class HttpLogSource(Source):
         )
 
         @classmethod
-        def parse(cls, mapping: dict[str, Any] | None) -> Config:
-            problems: list[tuple[str, str]] = []
-            config = None
-            try:
-                config = super().parse(mapping)
-            except ConfigError as exc:
-                problems += exc.problems
-            given = mapping or {}
+        def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+            problems = []
             fmt = given.get("format", "combined")
             if isinstance(fmt, str):
                 try:
                     compile_format(fmt)
                 except FormatError as exc:
                     problems.append(("format", str(exc)))
-            encoding = given.get("encoding", "utf-8")
-            if isinstance(encoding, str):
-                try:
-                    if codecs.lookup(encoding).encode("\n")[0] != b"\n":
-                        problems.append(("encoding", f"{encoding!r} is not ASCII-compatible (lines end in b'\\n')"))
-                except LookupError:
-                    problems.append(("encoding", f"unknown encoding {encoding!r}"))
+            problems += encoding_problems(given.get("encoding", "utf-8"))
             if isinstance(given.get("paths"), list) and not given["paths"]:
                 problems.append(("paths", "give at least one glob pattern"))
-            if problems:
-                raise ConfigError(problems)
-            return config
+            return problems
 
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)

@@ -40,6 +40,7 @@ from aiokafka.errors import (
     AuthenticationFailedError,
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
@@ -86,23 +87,17 @@ class KafkaOptions(Config):
     request_timeout_ms: int = setting(30_000, help="How long a request may wait for the cluster.", min=100)
 
     @classmethod
-    def parse(cls, mapping: dict[str, Any] | None) -> KafkaOptions:
-        problems: list[tuple[str, str]] = []
+    def check(cls, given: dict[str, Any]) -> list[tuple[str, str]]:
+        security = given.get("security")
+        if not isinstance(security, dict):
+            return []
         try:
-            options = super().parse(mapping)
+            checked = SecurityOptions.parse(security)
         except ConfigError as exc:
-            problems, options = list(exc.problems), None
-        security = (mapping or {}).get("security")
-        if isinstance(security, dict):
-            try:
-                checked = SecurityOptions.parse(security)
-                if checked.protocol.startswith("SASL_") and not (checked.sasl_mechanism and checked.username and checked.password):
-                    problems.append(("security", f"{checked.protocol} needs sasl_mechanism, username and password"))
-            except ConfigError as exc:
-                problems += [(f"security.{k}" if k else "security", m) for k, m in exc.problems]
-        if problems:
-            raise ConfigError(problems)
-        return options
+            return [(f"security.{k}" if k else "security", m) for k, m in exc.problems]
+        if checked.protocol.startswith("SASL_") and not (checked.sasl_mechanism and checked.username and checked.password):
+            return [("security", f"{checked.protocol} needs sasl_mechanism, username and password")]
+        return []
 
     def security_options(self) -> SecurityOptions:
         return SecurityOptions.parse(self.security)
@@ -130,14 +125,34 @@ def client_settings(options: KafkaOptions) -> dict[str, Any]:
     return settings
 
 
-def _reason(exc: BaseException) -> str:
-    """aiokafka's message, without its repeated type name or Python reprs of addresses."""
+def reason(exc: BaseException) -> str:
+    """aiokafka's message in one line, without its repeated type name or Python reprs of
+    addresses (and never the settings, which hold secrets)."""
     if isinstance(exc, KafkaConnectionError):
         return "no broker answered"
-    text = re.sub(r"\s*<[^>]*>", "", str(exc)).rstrip(":. ")  # no Python reprs
+    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = re.sub(r"\s*<[^>]*>", "", text).rstrip(":. ")  # no Python reprs
     name = type(exc).__name__
     text = text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
     return f"{name}: {text}" if text else name
+
+
+def retriable(exc: BaseException) -> bool:
+    """Worth trying again: what Kafka marks retriable (leader moved, broker away), and
+    timeouts (aiokafka does not mark its own KafkaTimeoutError)."""
+    return isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)) or (isinstance(exc, KafkaError) and exc.retriable)
+
+
+def kafka_error(exc: BaseException, doing: str) -> Exception:
+    """An aiokafka error as ours, '<doing>: <reason>': retriable ones are retried by the
+    engine with backoff; the rest stop the run. Connectors that talk to Kafka use it too."""
+    if isinstance(exc, (RetryableError, FatalError)):
+        return exc
+    if retriable(exc):
+        return RetryableError(f"{doing}: {reason(exc)}")
+    return FatalError(f"{doing}: {reason(exc)}")
 
 
 class _ConnectFailures(logging.Handler):
@@ -167,17 +182,11 @@ def _connect_failure(exc: BaseException, security: SecurityOptions) -> tuple[str
         return "no TLS handshake (is the listener plain text?)", check_security
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused", "check broker.kafka.bootstrap_servers and that the cluster is up"
-    return _reason(exc), "check broker.kafka.bootstrap_servers and that the cluster is up"
+    return reason(exc), "check broker.kafka.bootstrap_servers and that the cluster is up"
 
 
 def _error(exc: BaseException, doing: str) -> Exception:
-    """A Kafka error as ours: retriable ones (leader moved, broker away) are retried by the
-    worker with backoff; the rest stop the run. Never includes the settings (secrets)."""
-    if isinstance(exc, (RetryableError, FatalError)):
-        return exc
-    if isinstance(exc, KafkaError) and exc.retriable:
-        return RetryableError(f"kafka: {doing}: {_reason(exc)}")
-    return FatalError(f"kafka: {doing}: {_reason(exc)}")
+    return kafka_error(exc, f"kafka: {doing}")
 
 
 class KafkaBroker:
@@ -229,7 +238,7 @@ class KafkaBroker:
                 log.warning(
                     "kafka: the cluster at %s gives no producer ids (%s); producing without "
                     "idempotence: a batch retried after a lost acknowledgement may be written twice",
-                    self.options.bootstrap_servers, _reason(exc),
+                    self.options.bootstrap_servers, reason(exc),
                 )
         producer = AIOKafkaProducer(**self.settings, acks="all", **extra)
         try:
