@@ -49,6 +49,7 @@ class Batch:
         "timestamps",
         "headers",
         "values",
+        "destinations",
     )
 
     def __init__(
@@ -67,6 +68,7 @@ class Batch:
         timestamps: Sequence[int] | None = None,
         headers: Sequence[dict[str, bytes] | None] | None = None,
         values: Sequence[bytes] | None = None,
+        destinations: Sequence[str | None] | None = None,
     ) -> None:
         if rows is not None and columns is not None:
             raise ValueError("give a Batch rows or columns, not both")
@@ -95,6 +97,9 @@ class Batch:
         self.values = values
         if values is not None:
             self._rows = None
+        #: Source side, set by a routing transform: each record's topic (None: the
+        #: source's own topic).
+        self.destinations = destinations
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -125,6 +130,50 @@ class Batch:
             return len(self._rows)
         return self._columns.num_rows
 
+    def derive(
+        self,
+        rows: list[dict[str, Any]] | None = None,
+        *,
+        columns: pa.RecordBatch | pa.Table | None = None,
+        kept: Sequence[int] | None = None,
+        errors: Sequence[RecordError] = (),
+        destinations: Sequence[str | None] | None = None,
+    ) -> Batch:
+        """A new batch of `rows` (or `columns`) made from this one, for transforms.
+
+        `kept`: for each new record, the index of the record of this batch it came from
+        (when records were dropped or filtered); None when the new records are this
+        batch's, one for one. Per-record bookkeeping (positions, offsets, keys,
+        timestamps, headers, destinations) follows the kept records; `errors` are added
+        to this batch's; `destinations` replaces each record's topic (routing).
+        """
+        n = len(self)
+        new_len = len(rows) if rows is not None else (columns.num_rows if columns is not None else 0)
+        if kept is None and new_len != n:
+            raise ValueError(f"derive: {new_len} records from {n} without `kept`")
+
+        def follow(values: Sequence[Any] | None) -> Sequence[Any] | None:
+            if values is None or kept is None:
+                return values
+            return [values[i] for i in kept]
+
+        if destinations is not None and len(destinations) != new_len:
+            raise ValueError(f"derive: {len(destinations)} destinations for {new_len} records")
+        return Batch(
+            rows,
+            columns=columns,
+            source_offsets=self.source_offsets,
+            errors=[*self.errors, *errors],
+            positions=follow(self.positions),
+            topic=self.topic,
+            partition=self.partition,
+            record_offsets=follow(self.record_offsets),
+            keys=follow(self.keys),
+            timestamps=follow(self.timestamps),
+            headers=follow(self.headers),
+            destinations=destinations if destinations is not None else follow(self.destinations),
+        )
+
     @property
     def first_offset(self) -> int | None:
         return self.record_offsets[0] if self.record_offsets else None
@@ -134,10 +183,13 @@ class Batch:
         return self.record_offsets[-1] if self.record_offsets else None
 
     def position(self, index: int) -> str | None:
-        """Where record `index` came from, if the source said."""
-        if self.positions is None or index >= len(self.positions):
-            return None
-        return self.positions[index]
+        """Where record `index` came from: what the source said ("file:line"), or on the
+        sink side its place in the topic ("topic[partition]@offset")."""
+        if self.positions is not None and index < len(self.positions):
+            return self.positions[index]
+        if self.record_offsets is not None and index < len(self.record_offsets):
+            return f"{self.topic}[{self.partition}]@{self.record_offsets[index]}"
+        return None
 
     def json_lines(self) -> list[str]:
         """Each record as one line of JSON (timestamps as ISO 8601, decimals as strings,

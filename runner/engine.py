@@ -6,17 +6,23 @@ returns); tests call it the same way.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
 import os
+import pathlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import fastavro
+
 from runner.broker.base import Broker
 from runner.broker.embedded import EmbeddedBroker
 from runner.broker.kafka import KafkaBroker, KafkaOptions
+from runner.chain import Chain, build_chain
 from runner.config import ConfigError
 from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
@@ -45,40 +51,51 @@ T = TypeVar("T")
 
 def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
     """Load a spec and check everything that can be checked without running it: the
-    structure, the schemas, the connector names and each connector's config. Raises
-    SpecError listing every problem."""
+    structure, the schemas, the connector and transform names and their configs. Loads
+    the plugins of its `plugin_paths:` into `host`. Raises SpecError listing every
+    problem."""
     host = host or load_plugins()
 
+    def load_paths(paths: list[pathlib.Path]) -> list[tuple[int, str]]:
+        return [(index, f"plugin {info.name!r} ({info.path}) is broken: {info.error}")
+                for index, info in host.load_paths(paths)]
+
     def check_connector(kind: str, entry: ConnectorSpec, key_path: str) -> list[Problem]:
+        problems = build_chain(host, entry)[1]
         try:
             reg = host.lookup(kind, entry.connector)
         except UnknownConnector as exc:
-            return [Problem(str(exc), path=f"{key_path}.connector")]
+            return [Problem(str(exc), path=f"{key_path}.connector"), *problems]
         try:
             reg.cls.Config.parse(entry.config)
         except ConfigError as exc:
-            return [
+            problems += [
                 Problem(message, path=f"{key_path}.config.{key}" if key else f"{key_path}.config")
                 for key, message in exc.problems
             ]
-        return []
+        if kind == "sink" and entry.transforms and reg.cls.wants == "raw":
+            problems.append(Problem(f"sink {entry.connector!r} copies bytes (wants = \"raw\"); transforms need "
+                                    "decoded records", path=f"{key_path}.transforms"))
+        return problems
 
-    spec = load_spec(path, check_connector=check_connector)
-    raw_reads = [
+    spec = load_spec(path, check_connector=check_connector, load_plugin_paths=load_paths)
+    problems = [
         Problem(
             f"topic {t!r} has no schema (a raw topic); only sinks that take bytes "
             f"(wants = \"raw\") can read it, and {entry.connector!r} decodes records",
             path=f"{entry.key_path}.topics",
-            file=str(path),
-            line=spec.line_of(f"{entry.key_path}.topics"),
         )
         for entry in spec.sinks
         if host.lookup("sink", entry.connector).cls.wants != "raw"
         for t in entry.topics
         if t in spec.topics and spec.topics[t].schema is None
     ]
-    if raw_reads:
-        raise SpecError(raw_reads)
+    for entry in spec.sources + spec.sinks:
+        problems += _check_chain(spec, entry, build_chain(host, entry)[0])
+    if problems:
+        raise SpecError([
+            dataclasses.replace(p, file=str(path), line=spec.line_of(p.path)) for p in problems
+        ])
     if spec.schema_registry is not None:
         try:
             RegistryOptions.parse(spec.schema_registry)
@@ -99,6 +116,29 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
                 problems.append(Problem(message, path=where, file=str(path), line=line))
             raise SpecError(problems) from None
     return spec
+
+
+def _check_chain(spec: Spec, entry: ConnectorSpec, chain: Chain) -> list[Problem]:
+    """What a chain needs of the spec: routes to declared topics with a schema, and (on a
+    sink) an output schema that is valid Avro for each topic it reads."""
+    problems = []
+    for transform in chain.transforms:
+        where = f"{transform.context.position}.{transform.name}"
+        for target in transform.topics():
+            topic = spec.topics.get(target)
+            if topic is None or topic.schema is None:
+                what = "is not declared under topics" if topic is None else "has no schema"
+                problems.append(Problem(f"routes to topic {target!r}, which {what}", path=where))
+    if entry.kind == "sink" and chain:
+        for name in entry.topics:
+            topic = spec.topics.get(name)
+            if topic is None or topic.schema is None:
+                continue
+            try:
+                fastavro.parse_schema(chain.schema(copy.deepcopy(topic.schema)))
+            except Exception as exc:  # a transform's schema() refusing the topic's schema
+                problems.append(Problem(f"on topic {name!r}: {exc}", path=f"{entry.key_path}.transforms"))
+    return problems
 
 
 def load_for_inspection(path: str | os.PathLike) -> Spec:
@@ -271,7 +311,7 @@ class Pipeline:
             topics[name] = Topic(name, t.partitions, t.schema, schema_id, t.key)
         return topics
 
-    def _context(self, entry: ConnectorSpec, topics: list[str]) -> ConnectorContext:
+    def _context(self, entry: ConnectorSpec, topics: list[str], schemas: dict[str, dict]) -> ConnectorContext:
         state = self.spec.state_dir / "connectors" / entry.name
         return ConnectorContext(
             name=entry.name,
@@ -279,14 +319,16 @@ class Pipeline:
             spec_dir=self.spec.path.parent,
             state_dir=state,
             topics=tuple(topics),
-            schemas={t: self.spec.topics[t].schema for t in topics if t in self.spec.topics and self.spec.topics[t].schema is not None},
+            schemas=schemas,
             partitions={
                 t: self.spec.topics[t].partitions if t in self.spec.topics else 1  # the DLQ has 1
                 for t in topics
             },
         )
 
-    def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> Any:
+    def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> tuple[Any, Chain]:
+        """The connector of an entry and its transform chain. A sink is told the schemas
+        of its records as they leave the chain."""
         try:
             reg = self.host.lookup(kind, entry.connector)
         except UnknownConnector as exc:
@@ -295,7 +337,13 @@ class Pipeline:
             config = reg.cls.Config.parse(entry.config)
         except ConfigError as exc:
             raise FatalError(f"{entry.name}: invalid config: {exc}") from None
-        return reg.cls(config, self._context(entry, topics))
+        chain, problems = build_chain(self.host, entry)
+        if problems:
+            raise FatalError(f"{entry.name}: {problems[0].path}: {problems[0].message}")
+        declared = {t: self.spec.topics[t].schema for t in topics
+                    if t in self.spec.topics and self.spec.topics[t].schema is not None}
+        schemas = {t: chain.schema(copy.deepcopy(schema)) for t, schema in declared.items()} if kind == "sink" else declared
+        return reg.cls(config, self._context(entry, topics, schemas)), chain
 
     def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
         slots = []
@@ -304,16 +352,19 @@ class Pipeline:
         if any(e.schedule is not None for e in entries):
             self.history = RunHistory(self.spec.state_dir / "runs.db")
         for entry in entries:
-            source = self._build("source", entry, [entry.topic])
+            source, chain = self._build("source", entry, [entry.topic])
             counters = Counters(entry.name, "source", target=source.target())
             self.counters.append(counters)
+            routes = [t for t in dict.fromkeys(chain.topics()) if t != entry.topic]
             for index in range(len(source.tasks())):
 
                 def runner(stop: asyncio.Event, entry: ConnectorSpec = entry, source: Any = source,
-                           counters: Counters = counters, index: int = index) -> SourceRunner:
-                    writer = broker.source_writer(entry.name, index, [entry.topic, *writes])
+                           counters: Counters = counters, index: int = index, chain: Chain = chain,
+                           routes: list[str] = routes) -> SourceRunner:
+                    writer = broker.source_writer(entry.name, index, [entry.topic, *routes, *writes])
                     task = source.tasks()[index]
-                    return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop)
+                    return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop,
+                                        chain=chain, routes={t: topics[t] for t in routes})
 
                 if entry.schedule is not None:
                     assert self.history is not None
@@ -328,7 +379,7 @@ class Pipeline:
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []
         for entry in self.spec.sinks:
-            sink = self._build("sink", entry, entry.topics)
+            sink, chain = self._build("sink", entry, entry.topics)
             counters = Counters(entry.name, "sink", target=sink.target())
             self.counters.append(counters)
             runners.append(
@@ -344,6 +395,8 @@ class Pipeline:
                     counters,
                     self.stop_event,
                     sources_done,
+                    chain=chain,
+                    schemas=sink.context.schemas,
                 )
             )
         return runners

@@ -15,7 +15,11 @@ with `runner.hookspecs.hookimpl`, and is found through the entry-point group `pi
         register(MySource)
         register(MySink)
 
-The built-in connectors are registered exactly this way (the `builtin` entry point of
+    @hookimpl
+    def register_transforms(register):
+        register(MyTransform)
+
+The built-in connectors and transforms are registered exactly this way (the `builtin` entry point of
 this distribution points at the `connectors` package).
 
 How plugins are loaded
@@ -54,6 +58,25 @@ def register_connectors(register: Callable[[type[Any]], None]) -> None:
             without a name, is an error reported against your plugin. Two plugins
             registering the same name for the same kind (source or sink) is a conflict:
             the name is unusable and both plugins are named in the error.
+
+    Returns: nothing (the return value is ignored).
+    """
+
+
+@hookspec
+def register_transforms(register: Callable[[type[Any]], None]) -> None:
+    """Register record transform classes (single-message transforms).
+
+    Called: once per plugin, when the plugin host loads, right after
+    `register_connectors`.
+
+    Parameters:
+        register: call it once per transform class, a subclass of
+            `runner.transform.Transform` with a `name`. A spec chains it on a source or
+            a sink under `transforms:` by that name (`- NAME: {config}`). Registering a
+            class that is no Transform, or has no name, is an error reported against your
+            plugin; two plugins registering the same name is a conflict, as for
+            connectors.
 
     Returns: nothing (the return value is ignored).
     """

@@ -1,15 +1,19 @@
 """The plugin host: loads plugins from the `pipeline` entry-point group (built-ins
-included), calls their `register_connectors` hook, and keeps the registry of connectors
-with the plugin that registered each one.
+included) and from a spec's `plugin_paths:` directories, calls their registration hooks,
+and keeps the registry of connectors and transforms with the plugin that registered each.
 
 One broken plugin never takes the others down: its import error is recorded and shown by
-`pipeline plugins`.
+`pipeline plugins`. `PIPELINE_DISABLE_PLUGINS=a,b` keeps plugins from loading at all, by
+entry-point (or module) name or by distribution name.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -19,8 +23,12 @@ import pluggy
 
 from runner import hookspecs
 from runner.connector import Sink, Source
+from runner.transform import Transform
 
 ENTRY_POINT_GROUP = "pipeline"
+DISABLE_ENV = "PIPELINE_DISABLE_PLUGINS"
+# Which hook registers which kinds.
+_HOOK_KINDS = {"register_connectors": ("source", "sink"), "register_transforms": ("transform",)}
 
 
 @dataclass
@@ -31,9 +39,11 @@ class PluginInfo:
     module: str
     distribution: str | None = None
     version: str | None = None
-    connectors: list[str] = field(default_factory=list)  # "source:jsonl", "sink:jsonl"
+    connectors: list[str] = field(default_factory=list)  # "source:jsonl", "transform:mask"
     error: str | None = None
     detail: str | None = None  # the traceback, for --debug
+    path: str | None = None  # loaded from a spec's plugin_paths: the file or package
+    disabled: bool = False  # named in PIPELINE_DISABLE_PLUGINS; not loaded
 
     @property
     def broken(self) -> bool:
@@ -42,15 +52,18 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Registration:
-    kind: str  # "source" | "sink"
+    kind: str  # "source" | "sink" | "transform"
     name: str
     cls: type
     plugin: PluginInfo
 
     @property
     def label(self) -> str:
-        dist = f" from {self.plugin.distribution}" if self.plugin.distribution else ""
-        return f"plugin {self.plugin.name!r}{dist}"
+        if self.plugin.distribution:
+            return f"plugin {self.plugin.name!r} from {self.plugin.distribution}"
+        if self.plugin.path:
+            return f"plugin {self.plugin.name!r} from {self.plugin.path}"
+        return f"plugin {self.plugin.name!r}"
 
 
 class UnknownConnector(LookupError):
@@ -62,7 +75,15 @@ def kind_of(cls: type) -> str | None:
         return "source"
     if isinstance(cls, type) and issubclass(cls, Sink):
         return "sink"
+    if isinstance(cls, type) and issubclass(cls, Transform):
+        return "transform"
     return None
+
+
+def disabled_names(environ: dict[str, str] | None = None) -> set[str]:
+    """The plugin names in PIPELINE_DISABLE_PLUGINS (comma-separated)."""
+    value = (os.environ if environ is None else environ).get(DISABLE_ENV, "")
+    return {name.strip() for name in value.split(",") if name.strip()}
 
 
 class PluginHost:
@@ -76,6 +97,7 @@ class PluginHost:
     # -- loading ------------------------------------------------------------------------
 
     def load_entry_points(self) -> None:
+        disabled = disabled_names()
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             info = PluginInfo(
@@ -84,12 +106,56 @@ class PluginHost:
                 distribution=dist.name if dist else None,
                 version=dist.version if dist else None,
             )
+            if disabled & {info.name, info.distribution}:
+                info.disabled = True
+                self.plugins.append(info)
+                continue
             try:
                 module = ep.load()
             except Exception as exc:  # any import-time failure of someone else's code
                 self._broken(info, exc)
                 continue
             self.add(module, info)
+
+    def load_paths(self, directories: list[os.PathLike | str]) -> list[tuple[int, PluginInfo]]:
+        """Load the plugin modules in these directories (a spec's `plugin_paths:`): each
+        `*.py` file and each package (a directory with `__init__.py`) that implements a
+        hook, imported as if the directory were on PYTHONPATH. Returns (index of the
+        directory, plugin) for every plugin that is broken."""
+        disabled = disabled_names()
+        broken = []
+        for index, directory in enumerate(directories):
+            directory = os.path.abspath(directory)
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+            for entry in sorted(os.listdir(directory)):
+                path = os.path.join(directory, entry)
+                if entry.startswith(("_", ".")):
+                    continue
+                if entry.endswith(".py") and os.path.isfile(path):
+                    name = entry[:-3]
+                elif os.path.isfile(os.path.join(path, "__init__.py")):
+                    name = entry
+                else:
+                    continue
+                if any(p.name == name for p in self.plugins):
+                    continue  # loaded already (the same spec checked twice)
+                info = PluginInfo(name=name, module=name, path=path)
+                if name in disabled:
+                    info.disabled = True
+                    self.plugins.append(info)
+                    continue
+                try:
+                    module = importlib.import_module(name)
+                except Exception as exc:
+                    self._broken(info, exc)
+                    broken.append((index, info))
+                    continue
+                if not any(hasattr(getattr(module, attr, None), "pipeline_impl") for attr in dir(module)):
+                    continue  # a helper module, not a plugin
+                if self.add(module, info).broken:
+                    broken.append((index, info))
+        return broken
 
     def add(self, module: ModuleType | object, info: PluginInfo | None = None) -> PluginInfo:
         """Register a plugin object (usually a module) and run its hooks."""
@@ -103,13 +169,14 @@ class PluginHost:
         except Exception as exc:  # misspelled hooks, duplicate plugin names
             self._broken(info, exc, append=False)
             return info
-        for impl in self.pm.hook.register_connectors.get_hookimpls():
-            if impl.plugin_name != info.name:
-                continue
-            try:
-                impl.function(register=lambda cls, _info=info: self._register(cls, _info))
-            except Exception as exc:
-                self._broken(info, exc, append=False)
+        for hook, kinds in _HOOK_KINDS.items():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.plugin_name != info.name:
+                    continue
+                try:
+                    impl.function(register=lambda cls, _info=info, _kinds=kinds: self._register(cls, _info, _kinds))
+                except Exception as exc:
+                    self._broken(info, exc, append=False)
         return info
 
     def _check_hook_names(self, module: object) -> None:
@@ -130,11 +197,14 @@ class PluginHost:
         if append:
             self.plugins.append(info)
 
-    def _register(self, cls: Any, info: PluginInfo) -> None:
+    def _register(self, cls: Any, info: PluginInfo, kinds: tuple[str, ...]) -> None:
         kind = kind_of(cls)
         name = getattr(cls, "name", None)
-        if kind is None:
-            raise TypeError(f"{cls!r} is not a subclass of runner.connector.Source or Sink")
+        if kind not in kinds:
+            expected = "runner.transform.Transform" if kinds == ("transform",) else "runner.connector.Source or Sink"
+            hook = "register_connectors" if kind == "transform" else "register_transforms"
+            hint = f" (register it with the {hook} hook)" if kind is not None else ""
+            raise TypeError(f"{cls!r} is not a subclass of {expected}{hint}")
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__qualname__} has no `name`")
         reg = Registration(kind, name, cls, info)
@@ -164,8 +234,8 @@ class PluginHost:
         if key in self._conflicts:
             both = " and ".join(r.label for r in self._conflicts[key])
             raise UnknownConnector(
-                f"{kind} connector {name!r} is registered by both {both}; "
-                "uninstall or disable one of them"
+                f"{_what(kind)} {name!r} is registered by both {both}; "
+                f"uninstall or disable one of them ({DISABLE_ENV}=name)"
             )
         known = [n for (k, n) in self._registry if k == kind]
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -173,9 +243,11 @@ class PluginHost:
         broken = [p.name for p in self.plugins if p.broken]
         note = f" (broken plugins: {', '.join(broken)})" if broken else ""
         available = ", ".join(sorted(known)) or "none"
-        raise UnknownConnector(
-            f"unknown {kind} connector {name!r}{hint} (available: {available}){note}"
-        )
+        raise UnknownConnector(f"unknown {_what(kind)} {name!r}{hint} (available: {available}){note}")
+
+
+def _what(kind: str) -> str:
+    return "transform" if kind == "transform" else f"{kind} connector"
 
 
 def load_plugins(*extra: object) -> PluginHost:

@@ -8,8 +8,10 @@ Loading happens in two passes:
    and converted to plain Python values, interpolating `${VAR}` / `${VAR:-default}` in
    every string scalar and recording the line of every key path in a line map.
 2. The plain values are validated. Problems name a key path; the line map gives the line.
-   Connector-specific checks (e.g. a connector's `config:`) are delegated to a callback
-   whose problems are located through the same line map.
+   Connector-specific checks (e.g. a connector's `config:`, its transforms) are delegated
+   to a callback whose problems are located through the same line map; the plugins of
+   `plugin_paths:` are loaded (by another callback) before those checks, so a spec may use
+   connectors from them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "ErrorPolicy",
     "Spec",
     "TopicSpec",
+    "TransformSpec",
     "load_spec",
 ]
 
@@ -59,6 +62,15 @@ class TopicSpec:
 
 
 @dataclass
+class TransformSpec:
+    """One transform of a chain: `- NAME: {config}`."""
+
+    name: str
+    config: dict
+    key_path: str  # e.g. "sources[0].transforms[1]"
+
+
+@dataclass
 class ConnectorSpec:
     name: str
     connector: str
@@ -68,6 +80,7 @@ class ConnectorSpec:
     topics: list[str] = field(default_factory=list)  # sinks
     key_path: str = ""  # e.g. "sources[0]" — for error messages
     schedule: Schedule | None = None  # sources: run as a bounded job at each tick
+    transforms: list[TransformSpec] = field(default_factory=list)  # applied per batch, in order
 
 
 @dataclass
@@ -97,6 +110,8 @@ class Spec:
     # An external Confluent-compatible registry's options ({url: ..., ...}); None: the
     # embedded registry in the state directory.
     schema_registry: dict | None = None
+    # Directories of local plugin modules (absolute), loaded before the connectors are checked.
+    plugin_paths: list[pathlib.Path] = field(default_factory=list)
 
     def line_of(self, key_path: str) -> int | None:
         return _line_of(self.lines, key_path)
@@ -110,11 +125,15 @@ class Spec:
 
 
 CheckConnector = Callable[[str, ConnectorSpec, str], list[Problem]]
+# Loads the plugin modules of `plugin_paths:`; returns (index of the path, message) problems.
+LoadPluginPaths = Callable[[list[pathlib.Path]], list[tuple[int, str]]]
 
-_TOP_KEYS = ("name", "state_dir", "broker", "schema_registry", "topics", "sources", "sinks", "errors")
+_TOP_KEYS = (
+    "name", "state_dir", "broker", "schema_registry", "plugin_paths", "topics", "sources", "sinks", "errors",
+)
 _TOPIC_KEYS = ("partitions", "schema", "key")
-_SOURCE_KEYS = ("name", "connector", "topic", "config", "schedule")
-_SINK_KEYS = ("name", "connector", "topics", "config")
+_SOURCE_KEYS = ("name", "connector", "topic", "config", "transforms", "schedule")
+_SINK_KEYS = ("name", "connector", "topics", "config", "transforms")
 _ERRORS_KEYS = ("tolerance", "dead_letter_topic")
 _BROKER_KINDS = ("embedded", "kafka")
 
@@ -134,6 +153,7 @@ def load_spec(
     *,
     env: Mapping[str, str] | None = None,
     check_connector: CheckConnector | None = None,
+    load_plugin_paths: LoadPluginPaths | None = None,
 ) -> Spec:
     """Read, interpolate and validate the spec at `path`; raise `SpecError` listing every
     problem found (sorted by line)."""
@@ -159,7 +179,7 @@ def load_spec(
         raise SpecError([Problem(f"invalid YAML: {msg}", file=file, line=line)]) from None
 
     loader = _Loader(file, abs_path.parent, os.environ if env is None else env)
-    spec = loader.load(root, abs_path, check_connector)
+    spec = loader.load(root, abs_path, check_connector, load_plugin_paths)
     if loader.problems or spec is None:
         raise SpecError(loader.finished_problems())
     return spec
@@ -331,7 +351,11 @@ class _Loader:
     # -- pass 2: validation -------------------------------------------------------------
 
     def load(
-        self, root: Any, abs_path: pathlib.Path, check_connector: CheckConnector | None
+        self,
+        root: Any,
+        abs_path: pathlib.Path,
+        check_connector: CheckConnector | None,
+        load_plugin_paths: LoadPluginPaths | None = None,
     ) -> Spec | None:
         root_line = root.lc.line + 1 if isinstance(root, (CommentedMap, CommentedSeq)) else 1
         self.lines[""] = root_line
@@ -357,6 +381,10 @@ class _Loader:
         broker = self.broker(doc.get("broker"))
         registry = self.schema_registry(doc.get("schema_registry"))
         state_dir = self.state_dir(doc.get("state_dir"), name)
+        plugin_paths = self.plugin_paths(doc.get("plugin_paths"))
+        if load_plugin_paths is not None and plugin_paths:
+            for index, message in load_plugin_paths(plugin_paths):
+                self.problem(f"plugin_paths[{index}]", message)
 
         if check_connector is not None:
             for entry in sources + sinks:
@@ -383,6 +411,7 @@ class _Loader:
             errors=errors,
             lines=self.lines,
             file=self.file,
+            plugin_paths=plugin_paths,
         )
 
     def unknown_keys(self, mapping: dict, path: str, allowed: Sequence[str]) -> None:
@@ -620,6 +649,26 @@ class _Loader:
             return None
         return pathlib.Path(os.path.abspath(self.base_dir / pathlib.Path(value).expanduser()))
 
+    def plugin_paths(self, value: Any) -> list[pathlib.Path]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            self.problem("plugin_paths", f"expected a list of directories, got {_got(value)}")
+            return []
+        paths = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.problem(f"plugin_paths[{i}]", f"expected a directory path, got {_got(item)}")
+                continue
+            path = pathlib.Path(os.path.abspath(self.base_dir / pathlib.Path(item).expanduser()))
+            if not path.is_dir():
+                self.problem(f"plugin_paths[{i}]", f"no such directory: {path}")
+                continue
+            paths.append(path)
+        return paths
+
     # -- sources and sinks ------------------------------------------------------------------
 
     def connectors(
@@ -715,7 +764,9 @@ class _Loader:
             except ScheduleError as exc:
                 self.problem(f"{path}.schedule", str(exc))
 
-        core = (f"{path}.connector", f"{path}.config")
+        transforms = self.transforms(entry.get("transforms"), f"{path}.transforms")
+
+        core = (f"{path}.connector", f"{path}.config", f"{path}.transforms")
         tainted = any(m == path or m.startswith(core) for m in self.muted)
         if not core_ok or name is None or tainted:
             return None
@@ -728,7 +779,32 @@ class _Loader:
             topics=topic_list,
             key_path=path,
             schedule=schedule,
+            transforms=transforms,
         )
+
+    def transforms(self, value: Any, path: str) -> list[TransformSpec]:
+        """A chain: a list of single-key mappings, `- NAME: {config}` (or just `- NAME`)."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.problem(path, f"expected a list of transforms (`- NAME: {{config}}`), got {_got(value)}")
+            return []
+        chain = []
+        for i, item in enumerate(value):
+            item_path = f"{path}[{i}]"
+            if isinstance(item, str) and item:
+                item = {item: None}
+            if not isinstance(item, dict) or len(item) != 1:
+                self.problem(item_path, f"expected one transform as `NAME: {{config}}`, got {_got(item)}")
+                continue
+            ((name, config),) = item.items()
+            if config is None:
+                config = {}
+            if not isinstance(config, dict):
+                self.problem(_join(item_path, name), f"expected the transform's config (a mapping), got {_got(config)}")
+                continue
+            chain.append(TransformSpec(str(name), config, item_path))
+        return chain
 
     def declared(
         self, topic: str, path: str, topics: Mapping[str, TopicSpec | None], dlq: str | None

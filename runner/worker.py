@@ -23,6 +23,7 @@ from typing import Any
 from runner.batch import Batch
 from runner.broker.base import Broker, ProduceBatch, SourceWriter, TopicPartition
 from runner.broker.partitioner import Partitioner
+from runner.chain import Chain
 from runner.connector import SinkTask, SourceTask
 from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
 from runner.runs import RunHistory
@@ -113,10 +114,15 @@ class SourceRunner:
         dead_letters: DeadLetters,
         counters: Counters,
         stop: asyncio.Event,
+        *,
+        chain: Chain | None = None,
+        routes: dict[str, Topic] | None = None,
     ) -> None:
         self.name = name
         self.task = task
         self.topic = topic
+        self.chain = chain
+        self.routes = routes or {}  # topics the chain may send records to, besides `topic`
         self.writer = writer
         self.dead_letters = dead_letters
         self.counters = counters
@@ -171,47 +177,69 @@ class SourceRunner:
             await self._deliver(batch)
 
     async def _deliver(self, batch: Batch) -> None:
-        topic = self.topic
-        rows = batch.rows
+        if self.chain:
+            batch = self.chain.apply(batch)
         errors = [self._context(e) for e in batch.errors]
-        values, failures = topic.encoder.encode(rows)
-        if failures:
-            for f in failures:
-                errors.append(
-                    self._context(
-                        RecordError(
-                            error=f.error,
-                            stage="encode",
-                            record=rows[f.index],
-                            field=f.field,
-                            position=batch.position(f.index),
-                        )
-                    )
-                )
-            bad = {f.index for f in failures}
-            rows = [r for i, r in enumerate(rows) if i not in bad]
-            values = [v for i, v in enumerate(values) if i not in bad]
-        produce = self.dead_letters.batches(errors)  # raises DataError under tolerance none
-        produce[:0] = self._partitioned(rows, values)
+        produce: list[ProduceBatch] = []
+        produced = 0
+        for topic, indexes in self._destinations(batch):
+            rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
+            values, failures = topic.encoder.encode(rows)
+            if failures:
+                for f in failures:
+                    error = self._context(RecordError(
+                        error=f.error,
+                        stage="encode",
+                        record=rows[f.index],
+                        field=f.field,
+                        position=batch.position(f.index if indexes is None else indexes[f.index]),
+                    ))
+                    error.topic = topic.name
+                    errors.append(error)
+                bad = {f.index for f in failures}
+                rows = [r for i, r in enumerate(rows) if i not in bad]
+                values = [v for i, v in enumerate(values) if i not in bad]
+            produce += self._partitioned(topic, rows, values)
+            produced += len(values)
+        produce += self.dead_letters.batches(errors)  # raises DataError under tolerance none
         await retrying(
             lambda: self.writer.produce(produce, batch.source_offsets), self.counters, f"{self.name}: produce"
         )
-        self.counters.records_out += len(values)
+        self.counters.records_out += produced
         self.counters.errors += len(errors)
         self.counters.dead_lettered += len(errors)
-        self.produced += len(values)
+        self.produced += produced
         self.errored += len(errors)
         self.partitions.update(batch.source_offsets)
         if batch.source_offsets:
             await self.task.committed(batch.source_offsets)
+
+    def _destinations(self, batch: Batch) -> list[tuple[Topic, list[int] | None]]:
+        """The topics a batch's records go to, with the indexes of each topic's records
+        (None: all of them, to the source's topic — no routing transform)."""
+        if batch.destinations is None:
+            return [(self.topic, None)]
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(batch.destinations):
+            groups.setdefault(name or self.topic.name, []).append(i)
+        out = []
+        for name, indexes in groups.items():
+            topic = self.topic if name == self.topic.name else self.routes.get(name)
+            if topic is None:
+                raise FatalError(
+                    f"{self.name}: a transform sent records to topic {name!r}, which none of its transforms "
+                    "names in topics()",
+                    hint="a routing transform must list every topic it may route to in topics()",
+                )
+            out.append((topic, indexes))
+        return out
 
     def _context(self, error: RecordError) -> RecordError:
         error.connector = self.name
         error.topic = self.topic.name
         return error
 
-    def _partitioned(self, rows: list[dict], values: list[bytes]) -> list[ProduceBatch]:
-        topic = self.topic
+    def _partitioned(self, topic: Topic, rows: list[dict], values: list[bytes]) -> list[ProduceBatch]:
         if topic.key is None:
             keys: list[bytes | None] = [None] * len(values)
         else:
@@ -497,10 +525,14 @@ class SinkRunner:
         counters: Counters,
         stop: asyncio.Event,
         sources_done: asyncio.Event | None,
+        *,
+        chain: Chain | None = None,
+        schemas: dict[str, dict] | None = None,
     ) -> None:
         self.name = name
         self.group = group
         self.task = task
+        self.chain = chain
         self.topics = topics
         self.broker = broker
         self.dead_letters = dead_letters
@@ -511,11 +543,10 @@ class SinkRunner:
         self.decoders = (
             {} if self.raw else {t: AvroDecoder(lookup_schema, topic.schema) for t, topic in topics.items()}
         )
-        self.arrow = (
-            {t: avro_to_arrow(topic.schema) for t, topic in topics.items()}
-            if wants == "columns"
-            else {}
-        )
+        # The Arrow schemas of the records the sink gets: the topics' schemas as the
+        # transform chain leaves them (`schemas`).
+        schemas = schemas or {t: topic.schema for t, topic in topics.items()}
+        self.arrow = {t: avro_to_arrow(schemas[t]) for t in topics} if wants == "columns" else {}
 
     async def run(self) -> None:
         async with errors_named(self.name):
@@ -523,7 +554,7 @@ class SinkRunner:
 
     async def _run(self) -> None:
         consumer = await self.broker.consumer(self.group, list(self.topics))
-        queue: asyncio.Queue[Batch | _Skip | None] = asyncio.Queue(QUEUE_BATCHES)
+        queue: asyncio.Queue[_Fetched | None] = asyncio.Queue(QUEUE_BATCHES)
         self._consumer, self._queue = consumer, queue
         # What the put half has done since the last flush; shared with the rebalance
         # callbacks, which run between two puts (the lock).
@@ -602,7 +633,7 @@ class SinkRunner:
                 )
             await consumer.seek(tp, offset)
 
-    async def _fetch(self, consumer: Any, queue: asyncio.Queue[Batch | _Skip | None]) -> None:
+    async def _fetch(self, consumer: Any, queue: asyncio.Queue[_Fetched | None]) -> None:
         targets: dict[TopicPartition, int] | None = None
         while not self.stop.is_set():
             if targets is None and self.sources_done is not None and self.sources_done.is_set():
@@ -626,9 +657,10 @@ class SinkRunner:
                 ends[TopicPartition(topic, p)] = end
         return {tp: ends.get(tp, 0) for tp in assignment}
 
-    async def _decode(self, fb: Any) -> Batch | _Skip:
+    async def _decode(self, fb: Any) -> _Fetched:
+        fetched = _Fetched(fb.topic, fb.partition, fb.next_offset)
         if self.raw:
-            return Batch(
+            fetched.batch = Batch(
                 topic=fb.topic,
                 partition=fb.partition,
                 record_offsets=fb.offsets,
@@ -637,6 +669,7 @@ class SinkRunner:
                 headers=fb.headers,
                 values=fb.values,
             )
+            return fetched
         rows, failures = self.decoders[fb.topic].decode(fb.values)
         offsets, keys, stamps = fb.offsets, fb.keys, fb.timestamps
         if failures:
@@ -658,15 +691,21 @@ class SinkRunner:
             offsets = [offsets[i] for i in keep]
             keys = [keys[i] for i in keep]
             stamps = [stamps[i] for i in keep]
-        return Batch(
-            rows,
-            arrow_schema=self.arrow.get(fb.topic),
-            topic=fb.topic,
-            partition=fb.partition,
-            record_offsets=offsets,
-            keys=keys,
-            timestamps=stamps,
-        ) if rows else _Skip(fb.topic, fb.partition, fb.next_offset)
+        if not rows:
+            return fetched
+        batch = Batch(rows, topic=fb.topic, partition=fb.partition, record_offsets=offsets, keys=keys, timestamps=stamps)
+        if self.chain:
+            batch = self.chain.apply(batch)
+            if batch.errors:
+                for e in batch.errors:
+                    e.connector, e.topic = self.name, fb.topic
+                await self._dead_letter(batch.errors)
+                batch.errors = []
+            if not len(batch):
+                return fetched
+        batch.arrow_schema = self.arrow.get(fb.topic)
+        fetched.batch = batch
+        return fetched
 
     async def _dead_letter(self, errors: list[RecordError]) -> None:
         self.counters.errors += len(errors)
@@ -674,7 +713,7 @@ class SinkRunner:
         await retrying(lambda: self.broker.produce(batches), self.counters, f"{self.name}: dead letter")
         self.counters.dead_lettered += len(errors)
 
-    async def _put(self, consumer: Any, queue: asyncio.Queue[Batch | _Skip | None]) -> None:
+    async def _put(self, consumer: Any, queue: asyncio.Queue[_Fetched | None]) -> None:
         holding = False  # the sink keeps records it has not made durable yet
         last_flush = time.monotonic()
         while True:
@@ -705,20 +744,20 @@ class SinkRunner:
         async with self._lock:
             await self._flush(consumer)
 
-    async def _put_one(self, batch: Batch | _Skip) -> None:
-        tp = TopicPartition(batch.topic, batch.partition)
+    async def _put_one(self, fetched: _Fetched) -> None:
+        tp = TopicPartition(fetched.topic, fetched.partition)
         if tp not in self._assigned:
             return  # revoked while queued: its new owner reads it again
-        if isinstance(batch, _Skip):
-            self._positions[tp] = self._put_to[tp] = batch.next_offset
-            return
-        rejected = await retrying(lambda: self.task.put(batch), self.counters, f"{self.name}: put")
-        if rejected:
-            for e in rejected:
-                e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
-            await self._dead_letter(list(rejected))
-        self._positions[tp] = self._put_to[tp] = batch.last_offset + 1
-        self._pending += len(batch) - len(rejected or ())
+        batch = fetched.batch
+        if batch is not None:
+            rejected = await retrying(lambda: self.task.put(batch), self.counters, f"{self.name}: put")
+            if rejected:
+                for e in rejected:
+                    e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
+                await self._dead_letter(list(rejected))
+            self._pending += len(batch) - len(rejected or ())
+        # Past the whole fetched range, records dead-lettered or filtered out included.
+        self._positions[tp] = self._put_to[tp] = fetched.next_offset
 
     async def _flush(self, consumer: Any) -> bool:
         """Flush and commit; True if the sink still holds records it has not made durable."""
@@ -738,12 +777,15 @@ class SinkRunner:
 
 
 @dataclass
-class _Skip:
-    """A fetched range with nothing left to put (all dead-lettered): still advance."""
+class _Fetched:
+    """A fetched range of one topic-partition: the batch to put (None when nothing is
+    left of it: all dead-lettered or filtered out), and the offset after the range, where
+    the position goes once it is put."""
 
     topic: str
     partition: int
     next_offset: int
+    batch: Batch | None = None
 
 
 _TICK = object()
