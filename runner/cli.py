@@ -17,7 +17,7 @@ import click
 
 from runner import __version__, admin, engine
 from runner.errors import PipelineError, SpecError, UsageError
-from runner.plugins import PluginHost, UnknownConnector, load_plugins
+from runner.plugins import DISABLE_ENV, PluginHost, UnknownConnector, load_plugins
 from runner.spec import Spec
 from runner.worker import Counters
 
@@ -258,9 +258,15 @@ def _when(t: Any) -> str:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-def plugins(as_json: bool) -> None:
-    """List loaded plugins: distribution, version, what each registered, or its error."""
+@click.option("-s", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
+              help="Also load the plugin modules of this spec's plugin_paths:.")
+def plugins(as_json: bool, spec_path: str | None) -> None:
+    """List loaded plugins: distribution and version (or the file of a plugin_paths:
+    module), what each registered, or why it is broken or disabled
+    (PIPELINE_DISABLE_PLUGINS=a,b disables plugins by name or distribution)."""
     host = _host()
+    if spec_path is not None:
+        host.load_paths(engine.load_for_inspection(spec_path).plugin_paths)
     if as_json:
         out = [
             {
@@ -268,22 +274,26 @@ def plugins(as_json: bool) -> None:
                 "module": p.module,
                 "distribution": p.distribution,
                 "version": p.version,
+                "path": p.path,
                 "connectors": p.connectors,
                 "error": p.error,
+                "disabled": p.disabled,
             }
             for p in host.plugins
         ]
         click.echo(json.dumps(out, indent=2))
         return
     for p in host.plugins:
-        dist = f"{p.distribution} {p.version}" if p.distribution else p.module
-        if p.broken:
-            click.echo(f"{p.name} ({dist}): BROKEN: {p.error}")
+        where = f"{p.distribution} {p.version}" if p.distribution else (p.path or p.module)
+        if p.disabled:
+            click.echo(f"{p.name} ({where}): disabled by {DISABLE_ENV}")
+        elif p.broken:
+            click.echo(f"{p.name} ({where}): BROKEN: {p.error}")
         else:
-            click.echo(f"{p.name} ({dist}): {', '.join(p.connectors) or 'nothing registered'}")
+            click.echo(f"{p.name} ({where}): {', '.join(p.connectors) or 'nothing registered'}")
     for (kind, name), regs in host.conflicts().items():
         both = " and ".join(r.label for r in regs)
-        click.echo(f"conflict: {kind} connector {name!r} is registered by both {both}")
+        click.echo(f"conflict: {kind} {name!r} is registered by both {both}")
 
 
 @cli.group()
@@ -295,16 +305,8 @@ def connectors() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 def connectors_list(as_json: bool) -> None:
     """List source and sink connectors with the plugin that registered each."""
-    regs = _host().registrations()
-    if as_json:
-        click.echo(json.dumps([
-            {"kind": r.kind, "name": r.name, "plugin": r.plugin.name, "description": r.cls.description}
-            for r in regs
-        ], indent=2))
-        return
-    rows = [("kind", "name", "plugin", "description")]
-    rows += [(r.kind, r.name, r.plugin.name, r.cls.description) for r in regs]
-    _table(rows)
+    host = _host()
+    _list(host.registrations("source") + host.registrations("sink"), as_json, with_kind=True)
 
 
 @connectors.command("show")
@@ -314,13 +316,55 @@ def connectors_list(as_json: bool) -> None:
 def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
     """Show a connector's config settings: type, default, description."""
     host = _host()
-    regs = [r for r in host.registrations() if r.name == name and kind in (None, r.kind)]
+    regs = [r for r in host.registrations() if r.name == name and r.kind != "transform" and kind in (None, r.kind)]
     if not regs:
         try:
             host.lookup(kind or "source", name)
         except UnknownConnector as exc:
             raise click.UsageError(str(exc)) from None
         raise click.UsageError(f"no {kind} connector {name!r}; see `pipeline connectors list`")
+    _show(regs, as_json)
+
+
+@cli.group()
+def transforms() -> None:
+    """Inspect the available record transforms (the `transforms:` of a source or sink)."""
+
+
+@transforms.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def transforms_list(as_json: bool) -> None:
+    """List transforms with the plugin that registered each."""
+    _list(_host().registrations("transform"), as_json, with_kind=False)
+
+
+@transforms.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def transforms_show(name: str, as_json: bool) -> None:
+    """Show a transform's config settings: type, default, description."""
+    host = _host()
+    try:
+        reg = host.lookup("transform", name)
+    except UnknownConnector as exc:
+        raise click.UsageError(str(exc)) from None
+    _show([reg], as_json)
+
+
+def _list(regs: list[Any], as_json: bool, *, with_kind: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([
+            {"kind": r.kind, "name": r.name, "plugin": r.plugin.name, "description": r.cls.description}
+            for r in regs
+        ], indent=2))
+        return
+    rows = [("kind", "name", "plugin", "description") if with_kind else ("name", "plugin", "description")]
+    rows += [(r.kind, r.name, r.plugin.name, r.cls.description)[0 if with_kind else 1:] for r in regs]
+    _table(rows)
+
+
+def _show(regs: list[Any], as_json: bool) -> None:
+    """Config tables of connectors or transforms."""
     if as_json:
         click.echo(json.dumps([
             {"kind": r.kind, "name": r.name, "plugin": r.plugin.name, "description": r.cls.description,
@@ -329,7 +373,8 @@ def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
         ], indent=2, default=str))
         return
     for r in regs:
-        click.echo(f"{r.kind} connector {r.name!r} ({r.label}): {r.cls.description}")
+        what = "transform" if r.kind == "transform" else f"{r.kind} connector"
+        click.echo(f"{what} {r.name!r} ({r.label}): {r.cls.description}")
         rows = [("setting", "type", "default", "description")]
         for s in r.cls.settings():
             default = "(required)" if s.required else ("***" if s.secret and s.default else json.dumps(s.default, default=str))
@@ -338,6 +383,32 @@ def connectors_show(name: str, kind: str | None, as_json: bool) -> None:
             rows.append((s.name, kind, default, s.help))
         _table(rows)
         click.echo()
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--source", "kind", flag_value="source", default=True, help="A source connector (the default).")
+@click.option("--sink", "kind", flag_value="sink", help="A sink connector.")
+@click.option("--transform", "kind", flag_value="transform", help="A record transform.")
+@click.option("--dir", "parent", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where to create the plugin's directory.")
+def new_plugin(name: str, kind: str, parent: str) -> None:
+    """Create an installable plugin package NAME/: a connector (or transform) with a typed
+    Config, its tests (using runner.testing's conformance suite), an example spec, a
+    README and a pyproject.toml with the `pipeline` entry point.
+
+    \b
+    Example:
+      pipeline new-plugin my-source --source
+      pip install -e "./my-source[test]" && (cd my-source && python -m pytest -q)
+    """
+    from runner import scaffold  # only this command needs the templates
+
+    created = scaffold.create(name, kind, Path(parent))
+    for path in created.files:
+        click.echo(f"created {path}")
+    click.echo(f"\nnext:\n  pip install -e \"{created.root}[test]\"\n  cd {created.root} && python -m pytest -q\n"
+               f"  pipeline plugins\n  pipeline run {created.root / 'example.yaml'} --once")
 
 
 def _num(value: float) -> str:
