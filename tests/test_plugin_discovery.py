@@ -166,6 +166,6 @@ def test_transforms_list_and_show(tmp_path: Path) -> None:
     text = run_cli("transforms", "show", "mask").stdout
     assert text.startswith("transform 'mask' (plugin 'builtin' from pipeline):")
     unknown = run_cli("transforms", "show", "maks")
-    assert unknown.returncode == 2 and "did you mean 'mask'?" in unknown.stderr
+    assert unknown.returncode == 2 and "did you mean 'mask'" in unknown.stderr
     # Connectors and transforms are listed apart.
     assert "transform" not in {c["kind"] for c in json.loads(run_cli("connectors", "list", "--json").stdout)}
