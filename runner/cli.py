@@ -407,8 +407,10 @@ def new_plugin(name: str, kind: str, parent: str) -> None:
     created = scaffold.create(name, kind, Path(parent))
     for path in created.files:
         click.echo(f"created {path}")
-    click.echo(f"\nnext:\n  pip install -e \"{created.root}[test]\"\n  cd {created.root} && python -m pytest -q\n"
-               f"  pipeline plugins\n  pipeline run {created.root / 'example.yaml'} --once")
+    # "./" keeps pip from taking a bare name for a package on PyPI.
+    root = str(created.root) if created.root.is_absolute() else f"./{created.root}"
+    click.echo(f"\nnext:\n  pip install -e \"{root}[test]\"\n  (cd {root} && python -m pytest -q)\n"
+               f"  pipeline plugins\n  pipeline run {root}/example.yaml --once")
 
 
 def _num(value: float) -> str:
