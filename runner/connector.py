@@ -166,7 +166,8 @@ class SourceTask:
     3. `committed(offsets)` — after a batch's records and offsets are durable. Optional:
        for sources that must acknowledge upstream (delete a file, ack a queue).
     4. `close()` — once, always, whether the run ended cleanly, failed, or was stopped.
-       Release what `open` took. No `poll` follows.
+       Release what `open` took. No `poll` follows. It may come without `open` (the run
+       failed before the task was opened): release only what exists.
     """
 
     async def open(self, offsets: dict[str, Any]) -> None:
@@ -218,7 +219,8 @@ class SinkTask:
        and return `{TopicPartition: next_offset}` — how far its output is durable; only
        that is committed. Called about once a second while records flow, and before
        `close` on a clean stop. If it raises, nothing is committed.
-    4. `close()` — once, always. On a clean stop `flush` has run first. On abort (a fatal
+    4. `close()` — once, always (also without `open`, if the run failed before the task
+       was opened). On a clean stop `flush` has run first. On abort (a fatal
        error elsewhere, a second signal) `close` runs without `flush`: discard what was
        not flushed — it will be delivered again on restart. A sink whose `flush` reports
        offsets may write out what it still holds when closing after a clean stop and
