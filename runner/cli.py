@@ -176,14 +176,15 @@ class _Progress:
 def _summary(spec: Spec, result: engine.RunResult, failed: bool = False) -> None:
     how = "failed" if failed else "stopped by signal" if result.stopped_by_signal else "finished"
     click.echo(f"pipeline {spec.name!r} {how} in {result.elapsed:.1f}s", err=True)
-    rows = [("connector", "kind", "in", "out", "dead-lettered", "errors", "where")]
+    rows = [("connector", "kind", "in", "out", "filtered", "dead-lettered", "errors", "where")]
     for c in result.counters:
-        rows.append(
-            (c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.dead_lettered:,}", f"{c.errors:,}", c.target or "")
-        )
-    if not any(c.target for c in result.counters):
-        rows = [r[:-1] for r in rows]
-    _table(rows, err=True)
+        rows.append((c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.filtered:,}",
+                     f"{c.dead_lettered:,}", f"{c.errors:,}", c.target or ""))
+    # Columns that say nothing in this run are left out.
+    keep = [i for i in range(len(rows[0]))
+            if not (i == 4 and not any(c.filtered for c in result.counters))
+            and not (i == 7 and not any(c.target for c in result.counters))]
+    _table([tuple(r[i] for i in keep) for r in rows], err=True)
 
 
 def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:

@@ -51,8 +51,16 @@ class Counters:
     records_out: int = 0  # source: records produced; sink: records flushed
     dead_lettered: int = 0
     errors: int = 0  # data errors (dead-lettered or not)
+    filtered: int = 0  # records a transform chain left out on purpose (not errors)
     retries: int = 0
     target: str | None = None  # where the connector reads or writes, from its target()
+
+    def filter(self, chain: Chain, batch: Batch) -> Batch:
+        """`batch` through a transform chain, counting the records it filtered out."""
+        records, errors = len(batch), len(batch.errors)
+        batch = chain.apply(batch)
+        self.filtered += records - len(batch) - (len(batch.errors) - errors)
+        return batch
 
 
 @dataclass
@@ -178,7 +186,7 @@ class SourceRunner:
 
     async def _deliver(self, batch: Batch) -> None:
         if self.chain:
-            batch = self.chain.apply(batch)
+            batch = self.counters.filter(self.chain, batch)
         errors = [self._context(e) for e in batch.errors]
         produce: list[ProduceBatch] = []
         produced = 0
@@ -695,7 +703,7 @@ class SinkRunner:
             return fetched
         batch = Batch(rows, topic=fb.topic, partition=fb.partition, record_offsets=offsets, keys=keys, timestamps=stamps)
         if self.chain:
-            batch = self.chain.apply(batch)
+            batch = self.counters.filter(self.chain, batch)
             if batch.errors:
                 for e in batch.errors:
                     e.connector, e.topic = self.name, fb.topic
