@@ -19,7 +19,7 @@ Records a transform cannot handle (a cast of "abc" to int, an expression that fa
 record) are left out and go to the spec's error policy with stage `transform` and the
 field named: `errors: {tolerance: all}` sends them to the dead-letter topic, the default
 stops the run naming the record. A mistake in a transform's config (an unknown key, a
-filter with a syntax error, a field the topic's schema does not have) is reported by
+filter with a syntax error, on a sink a field the topic's schema does not have) is reported by
 `pipeline validate` with its file and line.
 
 Shape. On a source the chain's output is what the topic's schema checks, so declare the

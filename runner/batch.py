@@ -123,6 +123,16 @@ class Batch:
             self._columns = pa.RecordBatch.from_pylist(self._rows, schema=self.arrow_schema)
         return self._columns
 
+    def conform(self, schema: pa.Schema) -> None:
+        """Give the columns view exactly these Arrow types (the engine does, for a sink
+        that wants columns): set before the view is built, or cast if it was."""
+        if self._columns is None or self._columns.schema == schema:
+            self.arrow_schema = schema
+        else:
+            table = pa.Table.from_batches([self._columns]).select(schema.names).cast(schema)
+            self._columns = table.combine_chunks().to_batches()[0]
+            self.arrow_schema = schema
+
     def __len__(self) -> int:
         if self.values is not None:
             return len(self.values)
@@ -151,6 +161,8 @@ class Batch:
         new_len = len(rows) if rows is not None else (columns.num_rows if columns is not None else 0)
         if kept is None and new_len != n:
             raise ValueError(f"derive: {new_len} records from {n} without `kept`")
+        if kept is not None and len(kept) != new_len:
+            raise ValueError(f"derive: {len(kept)} `kept` indexes for {new_len} records")
 
         def follow(values: Sequence[Any] | None) -> Sequence[Any] | None:
             if values is None or kept is None:

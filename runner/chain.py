@@ -22,7 +22,7 @@ class Chain:
     def apply(self, batch: Batch) -> Batch:
         for transform in self.transforms:
             try:
-                batch = transform.apply(batch)
+                out = transform.apply(batch)
             except PipelineError:
                 raise
             except Exception as exc:  # a bug in the transform, not bad data: stop, naming it
@@ -32,6 +32,9 @@ class Chain:
                     hint="a transform reports a record it cannot handle with record_error(); "
                     "an exception stops the run (--debug shows the traceback)",
                 ) from exc
+            if out is not batch:
+                _check_bookkeeping(transform, batch, out)
+            batch = out
         return batch
 
     def schema(self, schema: dict) -> dict:
@@ -43,6 +46,25 @@ class Chain:
     def topics(self) -> list[str]:
         """Every topic the chain may route records to."""
         return [t for transform in self.transforms for t in transform.topics()]
+
+
+def _check_bookkeeping(transform: Transform, before: Batch, after: object) -> None:
+    """A batch that lost its source offsets, errors or origin would lose or repeat records
+    further on: stop, naming the transform (a new Batch(...) instead of batch.derive)."""
+    lost = [] if isinstance(after, Batch) else ["everything: it is no Batch"]
+    if not lost:
+        if after.source_offsets != before.source_offsets:
+            lost.append("the source offsets")
+        if after.errors[: len(before.errors)] != before.errors:
+            lost.append("the errors of earlier stages")
+        if (after.topic, after.partition) != (before.topic, before.partition):
+            lost.append("the topic-partition its records came from")
+    if lost:
+        raise FatalError(
+            f"transform {transform.name!r} ({transform.context.position}) returned a batch that lost "
+            f"{', '.join(lost)}",
+            hint="build the output with batch.derive(rows, kept=..., errors=...), which carries them along",
+        )
 
 
 def build_chain(host: PluginHost, entry: ConnectorSpec) -> tuple[Chain, list[Problem]]:
@@ -70,5 +92,9 @@ def build_chain(host: PluginHost, entry: ConnectorSpec) -> tuple[Chain, list[Pro
         except ConfigError as exc:
             problems += [Problem(message, path=f"{where}.{key}" if key else where) for key, message in exc.problems]
             continue
-        transforms.append(cls(config, TransformContext(entry.name, entry.kind, t.key_path)))
+        try:
+            transforms.append(cls(config, TransformContext(entry.name, entry.kind, t.key_path)))
+        except Exception as exc:  # e.g. a lookup file that is not there
+            problems.append(Problem(f"transform {t.name!r} could not be set up: {type(exc).__name__}: {exc}",
+                                    path=where))
     return Chain(entry.name, transforms), problems

@@ -107,7 +107,9 @@ class ConnectorContext:
     spec_dir: Path  # relative paths in config are relative to this
     state_dir: Path  # a directory the connector may keep private state in
     topics: tuple[str, ...]  # the source's topic, or the sink's topics
-    schemas: dict[str, dict]  # topic -> its Avro value schema (raw topics have none)
+    # topic -> its Avro value schema (raw topics have none); for a sink, the schema of its
+    # records as its transform chain leaves them, the dead-letter topic's included
+    schemas: dict[str, dict]
     partitions: dict[str, int] = field(default_factory=dict)  # topic -> partition count
 
     def resolve(self, path: str | Path) -> Path:

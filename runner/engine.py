@@ -131,11 +131,12 @@ def _check_chain(spec: Spec, entry: ConnectorSpec, chain: Chain) -> list[Problem
                 problems.append(Problem(f"routes to topic {target!r}, which {what}", path=where))
     if entry.kind == "sink" and chain:
         for name in entry.topics:
-            topic = spec.topics.get(name)
-            if topic is None or topic.schema is None:
+            schema = DEAD_LETTER_SCHEMA if name == spec.errors.dead_letter_topic else (
+                spec.topics[name].schema if name in spec.topics else None)
+            if schema is None:
                 continue
             try:
-                fastavro.parse_schema(chain.schema(copy.deepcopy(topic.schema)))
+                fastavro.parse_schema(chain.schema(copy.deepcopy(schema)))
             except Exception as exc:  # a transform's schema() refusing the topic's schema
                 problems.append(Problem(f"on topic {name!r}: {exc}", path=f"{entry.key_path}.transforms"))
     return problems
@@ -340,10 +341,15 @@ class Pipeline:
         chain, problems = build_chain(self.host, entry)
         if problems:
             raise FatalError(f"{entry.name}: {problems[0].path}: {problems[0].message}")
-        declared = {t: self.spec.topics[t].schema for t in topics
-                    if t in self.spec.topics and self.spec.topics[t].schema is not None}
+        declared = {t: schema for t in topics if (schema := self._schema_of(t)) is not None}
         schemas = {t: chain.schema(copy.deepcopy(schema)) for t, schema in declared.items()} if kind == "sink" else declared
         return reg.cls(config, self._context(entry, topics, schemas)), chain
+
+    def _schema_of(self, topic: str) -> dict | None:
+        """A topic's Avro schema: the spec's, or the dead-letter record's (None: raw)."""
+        if topic == self.spec.errors.dead_letter_topic:
+            return DEAD_LETTER_SCHEMA
+        return self.spec.topics[topic].schema if topic in self.spec.topics else None
 
     def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
         slots = []

@@ -106,7 +106,7 @@ class PluginHost:
                 distribution=dist.name if dist else None,
                 version=dist.version if dist else None,
             )
-            if disabled & {info.name, info.distribution}:
+            if disabled & {info.name, info.distribution, ep.module}:
                 info.disabled = True
                 self.plugins.append(info)
                 continue
@@ -127,7 +127,7 @@ class PluginHost:
         for index, directory in enumerate(directories):
             directory = os.path.abspath(directory)
             if directory not in sys.path:
-                sys.path.insert(0, directory)
+                sys.path.append(directory)  # after the installed packages: no shadowing them
             for entry in sorted(os.listdir(directory)):
                 path = os.path.join(directory, entry)
                 if entry.startswith(("_", ".")):
@@ -138,15 +138,24 @@ class PluginHost:
                     name = entry
                 else:
                     continue
-                if any(p.name == name for p in self.plugins):
-                    continue  # loaded already (the same spec checked twice)
                 info = PluginInfo(name=name, module=name, path=path)
+                same = next((p for p in self.plugins if p.name == name), None)
+                if same is not None:
+                    if same.path != path:  # not just the same spec checked twice
+                        self._broken(info, ImportError(
+                            f"a plugin named {name!r} is loaded already, from {same.path or same.distribution}"))
+                        broken.append((index, info))
+                    continue
                 if name in disabled:
                     info.disabled = True
                     self.plugins.append(info)
                     continue
                 try:
                     module = importlib.import_module(name)
+                    file = getattr(module, "__file__", None)
+                    if file is None or os.path.abspath(file) not in (path, os.path.join(path, "__init__.py")):
+                        raise ImportError(f"the name {name!r} is taken by {file or 'a built-in module'}; "
+                                          "rename the file")
                 except Exception as exc:
                     self._broken(info, exc)
                     broken.append((index, info))
@@ -202,7 +211,7 @@ class PluginHost:
         name = getattr(cls, "name", None)
         if kind not in kinds:
             expected = "runner.transform.Transform" if kinds == ("transform",) else "runner.connector.Source or Sink"
-            hook = "register_connectors" if kind == "transform" else "register_transforms"
+            hook = "register_transforms" if kind == "transform" else "register_connectors"
             hint = f" (register it with the {hook} hook)" if kind is not None else ""
             raise TypeError(f"{cls!r} is not a subclass of {expected}{hint}")
         if not isinstance(name, str) or not name:

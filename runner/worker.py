@@ -553,8 +553,12 @@ class SinkRunner:
         )
         # The Arrow schemas of the records the sink gets: the topics' schemas as the
         # transform chain leaves them (`schemas`).
-        schemas = schemas or {t: topic.schema for t, topic in topics.items()}
-        self.arrow = {t: avro_to_arrow(schemas[t]) for t in topics} if wants == "columns" else {}
+        schemas = schemas or {}
+        self.arrow = {t: avro_to_arrow(schemas.get(t, topic.schema)) for t, topic in topics.items()} \
+            if wants == "columns" else {}
+        # A transform that reads batch.columns gets the topic's own types.
+        self.arrow_in = {t: avro_to_arrow(topic.schema) for t, topic in topics.items()} \
+            if chain and not self.raw else {}
 
     async def run(self) -> None:
         async with errors_named(self.name):
@@ -567,7 +571,8 @@ class SinkRunner:
         # What the put half has done since the last flush; shared with the rebalance
         # callbacks, which run between two puts (the lock).
         self._positions: dict[TopicPartition, int] = {}  # put since the last flush
-        self._put_to: dict[TopicPartition, int] = {}  # everything put so far
+        self._put_to: dict[TopicPartition, int] = {}  # everything put so far (or skipped)
+        self._put_end: dict[TopicPartition, int] = {}  # after the last record given to the sink
         self._pending = 0
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None  # raised in a rebalance callback
@@ -588,7 +593,7 @@ class SinkRunner:
             try:
                 durable = await self.task.close()
                 if clean and durable:  # written out while closing after the final flush
-                    await consumer.commit(dict(durable))
+                    await self._commit_durable(consumer, durable)
             finally:
                 consumer.on_rebalance(None, None)
                 await consumer.close()
@@ -618,6 +623,7 @@ class SinkRunner:
             async with self._lock:
                 self._assigned = set(partitions)
                 self._put_to = {tp: off for tp, off in self._put_to.items() if tp in self._assigned}
+                self._put_end = {tp: off for tp, off in self._put_end.items() if tp in self._assigned}
                 resume = await self.task.open(sorted(self._assigned))
                 await self._resume(self._consumer, resume or {})
         except BaseException as exc:
@@ -701,7 +707,8 @@ class SinkRunner:
             stamps = [stamps[i] for i in keep]
         if not rows:
             return fetched
-        batch = Batch(rows, topic=fb.topic, partition=fb.partition, record_offsets=offsets, keys=keys, timestamps=stamps)
+        batch = Batch(rows, topic=fb.topic, partition=fb.partition, record_offsets=offsets, keys=keys, timestamps=stamps,
+                      arrow_schema=self.arrow_in.get(fb.topic))
         if self.chain:
             batch = self.counters.filter(self.chain, batch)
             if batch.errors:
@@ -711,7 +718,8 @@ class SinkRunner:
                 batch.errors = []
             if not len(batch):
                 return fetched
-        batch.arrow_schema = self.arrow.get(fb.topic)
+        if fb.topic in self.arrow:
+            batch.conform(self.arrow[fb.topic])
         fetched.batch = batch
         return fetched
 
@@ -764,6 +772,7 @@ class SinkRunner:
                     e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
                 await self._dead_letter(list(rejected))
             self._pending += len(batch) - len(rejected or ())
+            self._put_end[tp] = batch.last_offset + 1
         # Past the whole fetched range, records dead-lettered or filtered out included.
         self._positions[tp] = self._put_to[tp] = fetched.next_offset
 
@@ -779,9 +788,19 @@ class SinkRunner:
             return False
         # A sink that lands data on its own schedule (files rotated by size or time) says
         # how far it is durable; the rest stays uncommitted and is read again after a crash.
-        if durable:
-            await consumer.commit(dict(durable))
-        return any(durable.get(tp, 0) < end for tp, end in self._put_to.items())
+        await self._commit_durable(consumer, durable)
+        return any(durable.get(tp, 0) < end for tp, end in self._put_end.items())
+
+    async def _commit_durable(self, consumer: Any, durable: dict[TopicPartition, int]) -> None:
+        """Commit how far a sink says its output is durable. Where that reaches the last
+        record it was given, what the engine skipped after it (dead-lettered or filtered
+        out) is done too."""
+        commit = dict(durable)
+        for tp, end in self._put_to.items():
+            if durable.get(tp, 0) >= self._put_end.get(tp, 0):
+                commit[tp] = max(end, durable.get(tp, 0))
+        if commit:
+            await consumer.commit(commit)
 
 
 @dataclass
