@@ -374,8 +374,7 @@ def _show(regs: list[Any], as_json: bool) -> None:
         ], indent=2, default=str))
         return
     for r in regs:
-        what = "transform" if r.kind == "transform" else f"{r.kind} connector"
-        click.echo(f"{what} {r.name!r} ({r.label}): {r.cls.description}")
+        click.echo(f"{r.what} {r.name!r} ({r.label}): {r.cls.description}")
         rows = [("setting", "type", "default", "description")]
         for s in r.cls.settings():
             default = "(required)" if s.required else ("***" if s.secret and s.default else json.dumps(s.default, default=str))

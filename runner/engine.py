@@ -60,8 +60,10 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         return [(index, f"plugin {info.name!r} ({info.path}) is broken: {info.error}")
                 for index, info in host.load_paths(paths)]
 
+    chains: dict[str, Chain] = {}  # by key path: built once, checked against the spec below
+
     def check_connector(kind: str, entry: ConnectorSpec, key_path: str) -> list[Problem]:
-        problems = build_chain(host, entry)[1]
+        chains[key_path], problems = build_chain(host, entry)
         try:
             reg = host.lookup(kind, entry.connector)
         except UnknownConnector as exc:
@@ -91,7 +93,7 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         if t in spec.topics and spec.topics[t].schema is None
     ]
     for entry in spec.sources + spec.sinks:
-        problems += _check_chain(spec, entry, build_chain(host, entry)[0])
+        problems += _check_chain(spec, entry, chains[entry.key_path])
     if problems:
         raise SpecError([
             dataclasses.replace(p, file=str(path), line=spec.line_of(p.path)) for p in problems

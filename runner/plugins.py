@@ -58,6 +58,11 @@ class Registration:
     plugin: PluginInfo
 
     @property
+    def what(self) -> str:
+        """"transform", "source connector" or "sink connector"."""
+        return _what(self.kind)
+
+    @property
     def label(self) -> str:
         if self.plugin.distribution:
             return f"plugin {self.plugin.name!r} from {self.plugin.distribution}"
