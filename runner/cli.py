@@ -4,6 +4,7 @@ traceback."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -21,7 +23,8 @@ from runner.plugins import DISABLE_ENV, PluginHost, UnknownConnector, load_plugi
 from runner.spec import Spec
 from runner.worker import Counters
 
-SPEC_OPTION_HELP = "The pipeline spec (default: $PIPELINE_SPEC, else ./pipeline.yaml)."
+DEFAULT_SPEC = "pipeline.yaml"
+SPEC_OPTION_HELP = "The pipeline spec, instead of the SPEC argument (default: $PIPELINE_SPEC, else ./pipeline.yaml)."
 
 
 class PipelineGroup(click.Group):
@@ -89,24 +92,44 @@ def _host() -> PluginHost:
     return load_plugins()
 
 
-def _spec(path: str | None) -> Spec:
-    if path is None:
-        path = "pipeline.yaml"
-        if not Path(path).exists():
-            raise click.UsageError("no spec given: pass --spec SPEC or set PIPELINE_SPEC")
+def _spec(path: str) -> Spec:
+    """The spec for read-side commands: only what locates the state directory must be right."""
     return engine.load_for_inspection(path)
 
 
-spec_option = click.option(
-    "-s", "--spec", "spec_path", envvar="PIPELINE_SPEC", type=click.Path(dir_okay=False), help=SPEC_OPTION_HELP
-)
+def spec_argument(command: Callable[..., Any] | None = None, *, required: bool = True) -> Any:
+    """Every command takes its spec the same way: an optional last argument SPEC, or
+    -s/--spec SPEC, or $PIPELINE_SPEC, else ./pipeline.yaml. The command gets `spec_path`
+    (None when the spec is not `required` and none is there)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @click.argument("spec_arg", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+        @click.option("-s", "--spec", "spec_opt", envvar="PIPELINE_SPEC", type=click.Path(dir_okay=False),
+                      help=SPEC_OPTION_HELP)
+        @functools.wraps(command)
+        def wrapper(*args: Any, spec_arg: str | None, spec_opt: str | None, **kwargs: Any) -> Any:
+            if spec_arg is not None and spec_opt is not None and spec_arg != spec_opt:
+                raise click.UsageError(f"two specs given: {spec_arg} and --spec {spec_opt}; give one")
+            given = spec_arg or spec_opt
+            path = given or DEFAULT_SPEC
+            if not Path(path).is_file():
+                if given is None and not required:
+                    return command(*args, spec_path=None, **kwargs)
+                raise UsageError(
+                    f"no spec at {path}" if given else f"no spec given, and there is no ./{DEFAULT_SPEC}",
+                    hint="pass SPEC or --spec SPEC, or set PIPELINE_SPEC",
+                )
+            return command(*args, spec_path=path, **kwargs)
+
+        return wrapper
+
+    return decorate(command) if command is not None else decorate
 
 
 # -- run / validate ----------------------------------------------------------------------
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
 @click.option("--once", is_flag=True, help="Stop when the sources are exhausted and the sinks have flushed.")
 @click.option(
     "--progress/--no-progress",
@@ -116,6 +139,7 @@ spec_option = click.option(
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Run only this source (repeatable); sinks are not started.")
 @click.option("--now", is_flag=True, help="With --source: run it once now, even if it has a schedule, and exit.")
+@spec_argument
 def run(spec_path: str, once: bool, progress: bool | None, sources: tuple[str, ...], now: bool) -> None:
     """Run a pipeline: every source and sink of SPEC, until stopped (Ctrl-C flushes,
     commits and exits; a second Ctrl-C exits at once). Sources with a `schedule:` run at
@@ -194,7 +218,7 @@ def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@spec_argument
 def validate(spec_path: str) -> None:
     """Check SPEC without running it: structure, schemas, connector names and configs.
     Prints every problem with file:line; exits 2 if there are any."""
@@ -205,20 +229,44 @@ def validate(spec_path: str) -> None:
     )
 
 
+@cli.command()
+@click.option("--sink", "sinks", multiple=True, metavar="NAME", help="Only this sink (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Say what would be merged, change nothing.")
+@spec_argument
+def compact(sinks: tuple[str, ...], dry_run: bool, spec_path: str) -> None:
+    """Merge each sink's small output files into fewer large ones (the parquet sink: a
+    partition's consecutive files into one named by their first and last offsets),
+    atomically, so exactly-once resume still holds. Safe while `pipeline run` writes.
+
+    \b
+    Example:
+      pipeline compact pipelines/activity-tracking.yaml --dry-run
+    """
+    host = _host()
+    spec = engine.check_spec(spec_path, host)
+    for name, lines in engine.compact(spec, host, list(sinks) or None, dry_run=dry_run).items():
+        if lines is None:
+            click.echo(f"{name}: nothing to compact (its connector does not compact)", err=True)
+            continue
+        for line in lines:
+            click.echo(f"{name}: {line}")
+        if not lines:
+            click.echo(f"{name}: nothing to compact", err=True)
+
+
 # -- schedules and run history -------------------------------------------------------------
 
 
 @cli.command()
-@click.argument("spec_arg", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
-@spec_option
 @click.option("--source", metavar="NAME", help="Only this source's runs.")
 @click.option("--last", "limit", type=click.IntRange(1), default=50, show_default=True, help="How many runs to show.")
-@click.option("--json", "as_json", is_flag=True, help="Output JSON lines.")
-def runs(spec_arg: str | None, spec_path: str | None, source: str | None, limit: int, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+@spec_argument
+def runs(spec_path: str, source: str | None, limit: int, as_json: bool) -> None:
     """The run history of the spec's scheduled sources: start, end, outcome, records,
     files, errors, next run (skipped ticks and interrupted runs too). The spec is SPEC or
     --spec."""
-    spec = _spec(spec_arg or spec_path)
+    spec = _spec(spec_path)
     listed = admin.runs(spec, source, limit)
     if as_json:
         for r in listed:
@@ -236,8 +284,8 @@ def runs(spec_arg: str | None, spec_path: str | None, source: str | None, limit:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
 @click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True, help="Next run times per source.")
+@spec_argument
 def schedule(spec_path: str, count: int) -> None:
     """Each scheduled source of SPEC: its schedule, its last run and its next run times."""
     spec = engine.check_spec(spec_path, _host())
@@ -259,12 +307,12 @@ def _when(t: Any) -> str:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-@click.option("-s", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
-              help="Also load the plugin modules of this spec's plugin_paths:.")
+@spec_argument(required=False)
 def plugins(as_json: bool, spec_path: str | None) -> None:
     """List loaded plugins: distribution and version (or the file of a plugin_paths:
     module), what each registered, or why it is broken or disabled
-    (PIPELINE_DISABLE_PLUGINS=a,b disables plugins by name or distribution)."""
+    (PIPELINE_DISABLE_PLUGINS=a,b disables plugins by name or distribution). With a
+    spec, the plugin modules of its plugin_paths: too."""
     host = _host()
     if spec_path is not None:
         host.load_paths(engine.load_for_inspection(spec_path).plugin_paths)
@@ -426,9 +474,9 @@ def topics() -> None:
 
 
 @topics.command("list")
-@spec_option
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-def topics_list(spec_path: str | None, as_json: bool) -> None:
+@spec_argument
+def topics_list(spec_path: str, as_json: bool) -> None:
     """List topics with partitions and record counts."""
     described = admin.describe_topics(_spec(spec_path))
     if as_json:
@@ -441,9 +489,9 @@ def topics_list(spec_path: str | None, as_json: bool) -> None:
 
 @topics.command("describe")
 @click.argument("topic")
-@spec_option
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-def topics_describe(topic: str, spec_path: str | None, as_json: bool) -> None:
+@spec_argument
+def topics_describe(topic: str, spec_path: str, as_json: bool) -> None:
     """Partitions, end offsets and consumer-group lag of TOPIC."""
     (t,) = admin.describe_topics(_spec(spec_path), topic)
     if as_json:
@@ -458,7 +506,6 @@ def topics_describe(topic: str, spec_path: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("topic")
-@spec_option
 @click.option("--from-beginning", is_flag=True, help="Start at the first record (default: the end).")
 @click.option("--max", "max_records", type=click.IntRange(min=1), help="Stop after N records.")
 @click.option(
@@ -467,7 +514,8 @@ def topics_describe(topic: str, spec_path: str | None, as_json: bool) -> None:
     help="Wait for new records (default: follow unless --from-beginning).",
 )
 @click.option("--meta", is_flag=True, help="Wrap each value with partition, offset, timestamp and key.")
-def consume(topic: str, spec_path: str | None, from_beginning: bool, max_records: int | None, follow: bool | None, meta: bool) -> None:
+@spec_argument
+def consume(topic: str, spec_path: str, from_beginning: bool, max_records: int | None, follow: bool | None, meta: bool) -> None:
     """Print TOPIC's records as JSON lines, decoded from Avro.
 
     \b
@@ -493,8 +541,8 @@ def schemas() -> None:
 
 
 @schemas.command("list")
-@spec_option
-def schemas_list(spec_path: str | None) -> None:
+@spec_argument
+def schemas_list(spec_path: str) -> None:
     """List subjects with their versions and compatibility mode."""
     registry = engine.open_registry(_spec(spec_path), must_exist=True)
     try:
@@ -510,9 +558,9 @@ def schemas_list(spec_path: str | None) -> None:
 
 @schemas.command("show")
 @click.argument("subject")
-@spec_option
 @click.option("--version", "version", default="latest", help="A version number or 'latest'.")
-def schemas_show(subject: str, spec_path: str | None, version: str) -> None:
+@spec_argument
+def schemas_show(subject: str, spec_path: str, version: str) -> None:
     """Print a subject's schema (the latest version unless --version)."""
     if version != "latest" and not version.isdigit():
         raise click.BadParameter(f"{version!r} is neither a version number nor 'latest'", param_hint="--version")
@@ -530,8 +578,8 @@ def schemas_show(subject: str, spec_path: str | None, version: str) -> None:
 @schemas.command("register")
 @click.argument("subject")
 @click.argument("schema_file", type=click.Path(exists=True, dir_okay=False))
-@spec_option
-def schemas_register(subject: str, schema_file: str, spec_path: str | None) -> None:
+@spec_argument
+def schemas_register(subject: str, schema_file: str, spec_path: str) -> None:
     """Register SCHEMA_FILE (.avsc) under SUBJECT, checked against the subject's
     compatibility mode (default BACKWARD); an incompatible change is refused with the reason."""
     registry = engine.open_registry(_spec(spec_path))
@@ -553,10 +601,10 @@ def registry() -> None:
 
 
 @registry.command("serve")
-@spec_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-def registry_serve(spec_path: str | None, host: str, port: int) -> None:
+@spec_argument
+def registry_serve(spec_path: str, host: str, port: int) -> None:
     """Serve the state directory's schema registry over Confluent's Schema Registry REST
     API, so Confluent clients (SchemaRegistryClient, AvroDeserializer) read our topics.
     Runs until interrupted."""

@@ -85,6 +85,7 @@ __all__ = [
     "ConfigError",
     "ConnectorContext",
     "FatalError",
+    "Progress",
     "RecordError",
     "RetryableError",
     "SettingInfo",
@@ -184,6 +185,23 @@ class SourceTask:
     async def close(self) -> None:
         return None
 
+    def progress(self) -> Progress | None:
+        """How far the task has got through input of a known size, for the progress
+        display of `pipeline run` (done / total, rate, ETA). Optional: None (the default)
+        for a source that cannot know its size (a queue, a followed file). Called about
+        once a second on the event loop, between polls: return what you know, do no I/O.
+        """
+        return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What `SourceTask.progress` reports: `done` of `total`, in `unit`s."""
+
+    done: int
+    total: int
+    unit: Literal["bytes", "records", "files"] = "bytes"
+
 
 class Source(_Connector):
     """A source connector: reads from the outside world into one topic.
@@ -197,6 +215,20 @@ class Source(_Connector):
         """The tasks to run, each polled independently. Each task must own distinct
         source partitions (offsets of all tasks are stored under the connector)."""
         raise NotImplementedError
+
+    def produces(self) -> dict[str, Any] | None:
+        """The Avro record schema of the records this source produces, when the source
+        knows it before reading anything (from its format, a table's columns); None (the
+        default) when it cannot know (JSON lines, a CSV whose header is in the data).
+
+        `pipeline validate` compares it, as the source's transform chain leaves it, with
+        the topic's schema: a field the topic requires that the source never produces is
+        an error, a produced field the topic lacks is a warning (at run time such fields
+        are dropped before encoding, and counted). Only field names are compared; types
+        are checked record by record, by the encoder. Called once per spec check, never
+        while records flow; do no I/O here.
+        """
+        return None
 
 
 class SinkTask:
@@ -263,3 +295,16 @@ class Sink(_Connector):
     def task(self) -> SinkTask:
         """The task that consumes this sink's topics (one per process)."""
         raise NotImplementedError
+
+    def compact(self, *, dry_run: bool = False) -> list[str] | None:
+        """Merge small pieces of this sink's output into fewer, larger ones, for
+        `pipeline compact`. Optional: None (the default) says the sink has nothing to
+        compact. Return one line per change made (with `dry_run`: that would be made).
+
+        Called outside the flow of records, possibly while a `pipeline run` of the same
+        spec is writing: the change must be atomic for the sink's own recovery (a crash at
+        any moment leaves output from which `SinkTask.open` resumes exactly once) and must
+        not race the running task (take a lock the task also takes while it scans its
+        output). Raise `FatalError` with a hint for what cannot be done.
+        """
+        return None

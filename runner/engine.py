@@ -410,6 +410,22 @@ class Pipeline:
         return runners
 
 
+def compact(spec: Spec, host: PluginHost, sinks: list[str] | None = None, *,
+            dry_run: bool = False) -> dict[str, list[str] | None]:
+    """Compact the output of the spec's sinks (all, or those named): per sink, the lines
+    its `Sink.compact` reports, or None for a sink with nothing to compact."""
+    names = [s.name for s in spec.sinks]
+    unknown = [n for n in sinks or () if n not in names]
+    if unknown:
+        raise UsageError(f"no sink {unknown[0]!r} in {spec.file}", hint=f"sinks: {', '.join(names) or 'none'}")
+    pipeline = Pipeline(spec, host)
+    return {
+        entry.name: pipeline._build("sink", entry, entry.topics)[0].compact(dry_run=dry_run)
+        for entry in spec.sinks
+        if sinks is None or entry.name in sinks
+    }
+
+
 def group_name(spec: Spec, sink: ConnectorSpec) -> str:
     """The consumer group of a sink, as Kafka Connect names them: one per connector."""
     return f"pipeline-{spec.name}-{sink.name}"
