@@ -120,6 +120,9 @@ class HttpLogSource(Source):
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
 
+    def produces(self) -> dict[str, Any]:
+        return avro_schema_for(self.config.format)
+
     def tasks(self) -> list[SourceTask]:
         return [HttpLogSourceTask(self.config, [str(self.context.resolve(p)) for p in self.config.paths])]
 
