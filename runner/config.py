@@ -21,11 +21,13 @@ Supported annotations: `str`, `int`, `float`, `bool`, `list[X]`, `dict[str, X]`,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal, get_args, get_origin
+
+from runner.errors import suggest
+from runner.spec.environment import Substituted, typed
 
 
 def setting(
@@ -125,8 +127,7 @@ class Config:
         values: dict[str, Any] = {}
         for key in mapping:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                hint = suggest(str(key), list(fields))
                 known = ", ".join(fields) or "none"
                 problems.append((str(key), f"unknown setting{hint} (known: {known})"))
         for info in cls.settings():
@@ -176,10 +177,17 @@ class _TypeProblem(Exception):
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
-    """Return `value` converted to `hint` where it is lossless (int → float), or raise."""
+    """Return `value` converted to `hint` where it is lossless (int → float), or raise.
+    A whole value substituted from the environment is its text where a string is
+    expected, and what the text means in YAML elsewhere (see runner.spec.environment)."""
     origin = get_origin(hint)
+    if isinstance(value, Substituted):
+        if hint is str:
+            return str(value)
+        if origin not in (typing.Union, types.UnionType) or str not in get_args(hint):
+            value = value.value
     if hint is Any:
-        return value
+        return typed(value)
     if origin in (typing.Union, types.UnionType):
         args = get_args(hint)
         if value is None and type(None) in args:
@@ -197,7 +205,8 @@ def _check(value: Any, hint: Any, key: str) -> Any:
         if value in get_args(hint):
             return value
         choices = ", ".join(repr(a) for a in get_args(hint))
-        raise _TypeProblem(key, f"expected one of {choices}, got {_describe(value)}")
+        hint_text = suggest(value, [a for a in get_args(hint) if isinstance(a, str)])
+        raise _TypeProblem(key, f"expected one of {choices}, got {_describe(value)}{hint_text}")
     if origin is list:
         if not isinstance(value, list):
             raise _TypeProblem(key, f"expected {_type_name(hint)}, got {_describe(value)}")
@@ -219,7 +228,7 @@ def _check(value: Any, hint: Any, key: str) -> Any:
             return float(value)
     elif hint is str:
         if isinstance(value, str):
-            return value
+            return str(value)
     elif isinstance(hint, type) and isinstance(value, hint):
         return value
     raise _TypeProblem(key, f"expected {_type_name(hint)}, got {_describe(value)}")

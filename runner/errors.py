@@ -13,6 +13,8 @@ one place (`runner.cli`).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,19 +93,35 @@ class DataError(PipelineError):
 
 @dataclass
 class Problem:
-    """One problem in a spec: where (file:line, key path) and what."""
+    """One problem in a spec: where (file:line, key path) and what. A `warning` is worth
+    saying but does not stop the spec from running."""
 
     message: str
     path: str = ""  # key path, e.g. "sources[0].config.paths"
     file: str | None = None
     line: int | None = None  # 1-based
+    level: str = "error"  # or "warning"
 
     def __str__(self) -> str:
         loc = self.file or "<spec>"
         if self.line is not None:
             loc += f":{self.line}"
         key = f" {self.path}:" if self.path else ""
-        return f"{loc}:{key} {self.message}"
+        level = " warning:" if self.level == "warning" else ""
+        return f"{loc}:{key}{level} {self.message}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"level": self.level, "file": self.file, "line": self.line, "path": self.path,
+                "message": self.message}
+
+
+def suggest(word: Any, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" when `word` is a likely misspelling of one of `choices`, else
+    "" (no suggestion of an unrelated name)."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import pathlib
 import textwrap
+from typing import Any
 
 import pytest
+
+from runner.config import Config, setting
 
 from runner.errors import Problem, SpecError
 from runner.spec import BrokerSpec, ConnectorSpec, ErrorPolicy, Spec, load_spec
@@ -193,16 +196,65 @@ def test_env_interpolation(tmp_path: pathlib.Path) -> None:
     assert spec.name == "from-env"
     assert spec.topics["events"].partitions == 4
     config = spec.sources[0].config
-    assert config["follow"] is True
-    assert config["quoted"] == 4  # quoted too: inside {...} a ${...} must be quoted
+    # A whole-value substitution is its text, read by the setting's type when parsed.
+    assert config["follow"] == "true" and config["quoted"] == "4"
     assert config["url"] == "http://localhost:8080/x"
     assert config["literal"] == "${NOT_A_VAR} and ${HOST:-x}"
     assert config["empty"] == ""
-    assert config["nested"] == {"list": ["h", 8080]}
+    assert config["nested"] == {"list": ["h", "8080"]}
+
+    class Settings(Config):
+        follow: bool = setting(help="-")
+        quoted: int = setting(help="-")
+        url: str = setting(help="-")
+        literal: str = setting(help="-")
+        empty: str = setting(help="-")
+        nested: dict[str, list[int | str]] = setting(help="-")
+
+    parsed = Settings.parse(config)
+    assert parsed.follow is True and parsed.quoted == 4 and parsed.nested == {"list": ["h", 8080]}
 
     spec = load_spec(path, env={"NAME": "n", "PORT": "1", "PARTS": "8", "FOLLOW": "false"})
     assert spec.topics["events"].partitions == 8
-    assert spec.sources[0].config["follow"] is False
+    assert Settings.parse(spec.sources[0].config).follow is False
+
+
+def test_a_quoted_scalar_stays_a_string_where_the_setting_is_a_string(tmp_path: pathlib.Path) -> None:
+    """`password: "true"`, `"2031-07-19"` and `"0x1F"`, written or substituted, stay strings."""
+    path = write(tmp_path, """
+        name: demo
+        topics:
+          events: {schema: {type: record, name: Event, fields: [{name: id, type: long}]}}
+        sources:
+          - name: gen
+            connector: generator
+            topic: events
+            config:
+              password: "true"
+              day: "2031-07-19"
+              code: "0x1F"
+              from_env: {password: "${PW}", day: "${DAY}", code: "${CODE}", port: "${PORT}"}
+    """)
+    env = {"PW": "true", "DAY": "2031-07-19", "CODE": "0x1F", "PORT": "8080"}
+    config = load_spec(path, env=env).sources[0].config
+
+    class Inner(Config):
+        password: str = setting(help="-", secret=True)
+        day: str = setting(help="-")
+        code: str = setting(help="-")
+        port: int = setting(help="-")
+
+    class Settings(Config):
+        password: str = setting(help="-", secret=True)
+        day: str = setting(help="-")
+        code: str = setting(help="-")
+        from_env: dict[str, Any] = setting(help="-")
+
+    parsed = Settings.parse(config)
+    assert (parsed.password, parsed.day, parsed.code) == ("true", "2031-07-19", "0x1F")
+    inner = Inner.parse(config["from_env"])
+    assert (inner.password, inner.day, inner.code, inner.port) == ("true", "2031-07-19", "0x1F", 8080)
+    assert type(inner.password) is str
 
 
 def test_a_whole_value_substitution_may_be_a_flow_mapping_or_list(tmp_path: pathlib.Path) -> None:
@@ -548,4 +600,5 @@ def test_unquoted_variable_in_flow_mapping_gets_a_hint(tmp_path: pathlib.Path) -
     assert 'quote ${...} expressions, e.g. "${VAR}"' in p.message
 
     path.write_text(path.read_text().replace("${PORT}", '"${PORT}"'))
-    assert load_spec(path, env={"PORT": "8080"}).sources[0].config == {"port": 8080}
+    config = load_spec(path, env={"PORT": "8080"}).sources[0].config
+    assert config == {"port": "8080"} and config["port"].value == 8080  # typed where a number is expected

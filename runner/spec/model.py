@@ -1,0 +1,112 @@
+"""What a loaded spec is: plain dataclasses, no behaviour beyond finding a key's line."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from runner.errors import Problem
+from runner.schedule import Schedule
+
+
+@dataclass
+class TopicSpec:
+    name: str
+    partitions: int
+    # The Avro schema as written (plain JSON-like dict), not fastavro's parsed form; None
+    # for a raw topic (bytes as they are, e.g. mirrored from another cluster).
+    schema: dict | None
+    key: str | None
+    schema_file: pathlib.Path | None  # absolute; None for an inline schema
+
+
+@dataclass
+class TransformSpec:
+    """One transform of a chain: `- NAME: {config}`."""
+
+    name: str
+    config: dict
+    key_path: str  # e.g. "sources[0].transforms[1]"
+
+
+@dataclass
+class ConnectorSpec:
+    name: str
+    connector: str
+    config: dict
+    kind: str  # "source" | "sink"
+    topic: str | None = None  # sources
+    topics: list[str] = field(default_factory=list)  # sinks
+    key_path: str = ""  # e.g. "sources[0]" — for error messages
+    schedule: Schedule | None = None  # sources: run as a bounded job at each tick
+    transforms: list[TransformSpec] = field(default_factory=list)  # applied per batch, in order
+
+
+@dataclass
+class ErrorPolicy:
+    tolerance: str = "none"
+    dead_letter_topic: str | None = None
+
+
+@dataclass
+class BrokerSpec:
+    kind: str = "embedded"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    name: str
+    path: pathlib.Path  # absolute, so connectors can resolve their own relative paths
+    state_dir: pathlib.Path
+    broker: BrokerSpec
+    topics: dict[str, TopicSpec]
+    sources: list[ConnectorSpec]
+    sinks: list[ConnectorSpec]
+    errors: ErrorPolicy
+    lines: dict[str, int]  # key path -> 1-based line
+    file: str = ""  # the spec path as given, for messages
+    # An external Confluent-compatible registry's options ({url: ..., ...}); None: the
+    # embedded registry in the state directory.
+    schema_registry: dict | None = None
+    # Directories of local plugin modules (absolute), loaded before the connectors are checked.
+    plugin_paths: list[pathlib.Path] = field(default_factory=list)
+    # What `engine.check_spec` found worth saying but not wrong (a source field the topic
+    # lacks, a glob matching nothing): shown by `pipeline validate` and `pipeline run`.
+    warnings: list[Problem] = field(default_factory=list)
+
+    def line_of(self, key_path: str) -> int | None:
+        return line_of(self.lines, key_path)
+
+    def where(self, key_path: str) -> str:
+        line = self.line_of(key_path)
+        loc = self.file or str(self.path)
+        if line is not None:
+            loc += f":{line}"
+        return f"{loc} {key_path}" if key_path else loc
+
+    def problem(self, key_path: str, message: str, *, level: str = "error") -> Problem:
+        """A problem located at `key_path` of this spec (file and line filled in)."""
+        return Problem(message, path=key_path, file=self.file or str(self.path),
+                       line=self.line_of(key_path), level=level)
+
+
+_LAST_PART = re.compile(r"(\.[^.\[]*|\[\d+\])$")
+
+
+def line_of(lines: Mapping[str, int], key_path: str) -> int | None:
+    """The line of `key_path`, or of its deepest ancestor that has one."""
+    while True:
+        if key_path in lines:
+            return lines[key_path]
+        if not key_path:
+            return None
+        m = _LAST_PART.search(key_path)
+        key_path = key_path[: m.start()] if m else ""
+
+
+def join(path: str, key: object) -> str:
+    """A child's key path: `sources[0]` + `name` -> `sources[0].name`."""
+    return f"{path}.{key}" if path else str(key)
