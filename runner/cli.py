@@ -21,6 +21,7 @@ from runner import __version__, admin, engine
 from runner.errors import PipelineError, SpecError, UsageError
 from runner.plugins import DISABLE_ENV, PluginHost, UnknownConnector, load_plugins
 from runner.spec import Spec
+from runner.progress import progress_display
 from runner.worker import Counters
 
 DEFAULT_SPEC = "pipeline.yaml"
@@ -134,16 +135,19 @@ def spec_argument(command: Callable[..., Any] | None = None, *, required: bool =
 @click.option(
     "--progress/--no-progress",
     default=None,
-    help="Live records/s per connector on stderr (default: on when stderr is a terminal).",
+    help="Progress on stderr: a live line on a terminal (done / total, rate, ETA for sources that "
+    "know their size), a plain line every 10 s otherwise (default: on).",
 )
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Run only this source (repeatable); sinks are not started.")
 @click.option("--now", is_flag=True, help="With --source: run it once now, even if it has a schedule, and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 @spec_argument
-def run(spec_path: str, once: bool, progress: bool | None, sources: tuple[str, ...], now: bool) -> None:
+def run(once: bool, progress: bool | None, sources: tuple[str, ...], now: bool, as_json: bool, spec_path: str) -> None:
     """Run a pipeline: every source and sink of SPEC, until stopped (Ctrl-C flushes,
     commits and exits; a second Ctrl-C exits at once). Sources with a `schedule:` run at
-    each tick (with --once: one run each).
+    each tick (with --once: one run each). A --once run that read records, delivered
+    none and dead-lettered some exits 1.
 
     \b
     Examples:
@@ -163,52 +167,68 @@ def run(spec_path: str, once: bool, progress: bool | None, sources: tuple[str, .
     for plugin in host.plugins:
         if plugin.broken:
             click.echo(f"warning: plugin {plugin.name!r} is broken ({plugin.error}); see `pipeline plugins`", err=True)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    show = _Progress() if progress else None
+    for warning in spec.warnings:
+        click.echo(str(warning), err=True)
+    show = progress_display(sys.stderr, live=sys.stderr.isatty()) if progress is not False else None
     try:
         result = engine.run(spec, host, once=once, progress=show, only_sources=list(sources) or None, now=now)
     except PipelineError as exc:
         if show is not None:
             show.clear()
         if exc.result is not None:
-            _summary(spec, exc.result, failed=True)
+            _summary(spec, exc.result, as_json, failure=exc)
+        elif as_json:
+            click.echo(json.dumps({"pipeline": spec.name, "outcome": "failed", "error": str(exc), "hint": exc.hint}))
         raise
     if show is not None:
         show.clear()
-    _summary(spec, result)
+    _summary(spec, result, as_json)
 
 
-class _Progress:
-    def __init__(self) -> None:
-        self.last: dict[str, int] = {}
-
-    def __call__(self, counters: list[Counters], elapsed: float) -> None:
-        parts = []
-        for c in counters:
-            rate = c.records_in - self.last.get(c.name, 0)
-            self.last[c.name] = c.records_in
-            parts.append(f"{c.name}: {c.records_in:,} ({rate:,}/s)")
-        sys.stderr.write("\r\x1b[K" + f"[{elapsed:5.0f}s] " + "  ".join(parts))
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        sys.stderr.write("\r\x1b[K")
-        sys.stderr.flush()
+# The summary's columns: (title, value of a connector's counters, shown when no counter has it).
+_COLUMNS: list[tuple[str, Callable[[Counters], int], bool]] = [
+    ("read", lambda c: c.records_in, True),
+    ("delivered", lambda c: c.records_out, True),
+    ("filtered", lambda c: c.filtered, False),
+    ("dead-lettered", lambda c: c.dead_lettered, True),
+    ("pending", lambda c: c.pending, False),
+]
 
 
-def _summary(spec: Spec, result: engine.RunResult, failed: bool = False) -> None:
-    how = "failed" if failed else "stopped by signal" if result.stopped_by_signal else "finished"
-    click.echo(f"pipeline {spec.name!r} {how} in {result.elapsed:.1f}s", err=True)
-    rows = [("connector", "kind", "in", "out", "filtered", "dead-lettered", "errors", "where")]
-    for c in result.counters:
-        rows.append((c.name, c.kind, f"{c.records_in:,}", f"{c.records_out:,}", f"{c.filtered:,}",
-                     f"{c.dead_lettered:,}", f"{c.errors:,}", c.target or ""))
+def _summary(spec: Spec, result: engine.RunResult, as_json: bool, failure: PipelineError | None = None) -> None:
+    """What each connector did, adding up: read = delivered + filtered + dead-lettered + pending."""
+    how = "failed" if failure else "stopped" if result.stopped_by_signal else "finished"
+    counters = result.counters
+    if as_json:
+        click.echo(json.dumps({
+            "pipeline": spec.name,
+            "outcome": how,
+            "elapsed_seconds": round(result.elapsed, 3),
+            "connectors": [
+                {"name": c.name, "kind": c.kind, **{title.replace("-", "_"): value(c) for title, value, _ in _COLUMNS},
+                 "errors": c.errors, "retries": c.retries, "dropped_fields": c.dropped, "where": c.target}
+                for c in counters
+            ],
+            **({"error": str(failure), "hint": failure.hint} if failure else {}),
+        }, indent=2))
+        return
+    click.echo(f"pipeline {spec.name!r} {'stopped by signal' if how == 'stopped' else how} in {result.elapsed:.1f}s",
+               err=True)
     # Columns that say nothing in this run are left out.
-    keep = [i for i in range(len(rows[0]))
-            if not (i == 4 and not any(c.filtered for c in result.counters))
-            and not (i == 7 and not any(c.target for c in result.counters))]
-    _table([tuple(r[i] for i in keep) for r in rows], err=True)
+    columns = [(t, v) for t, v, always in _COLUMNS if always or any(v(c) for c in counters)]
+    errors_apart = any(c.errors != c.dead_lettered for c in counters)  # tolerance none: errors stop the run
+    rows = [("connector", "kind", *(t for t, _ in columns), *(("errors",) if errors_apart else ()), "where")]
+    for c in counters:
+        rows.append((c.name, c.kind, *(f"{v(c):,}" for _, v in columns),
+                     *((f"{c.errors:,}",) if errors_apart else ()), c.target or ""))
+    if not any(c.target for c in counters):
+        rows = [r[:-1] for r in rows]
+    _table(rows, err=True)
+    click.echo(f"({columns[0][0]} = {' + '.join(t for t, _ in columns[1:])})", err=True)
+    for c in counters:
+        for name, count in c.dropped.items():
+            click.echo(f"{c.name}: dropped field {name!r} from {count:,} record(s): not in the topic's schema",
+                       err=True)
 
 
 def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:
@@ -218,14 +238,33 @@ def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Output JSON: ok, warnings and problems.")
 @spec_argument
-def validate(spec_path: str) -> None:
-    """Check SPEC without running it: structure, schemas, connector names and configs.
-    Prints every problem with file:line; exits 2 if there are any."""
-    spec = engine.check_spec(spec_path, _host())
+def validate(as_json: bool, spec_path: str) -> None:
+    """Check SPEC without running it: structure, schemas, connector names and configs,
+    and whether what each source produces fits its topic's schema. Prints every problem
+    and warning with file:line; exits 2 if there are problems (warnings alone exit 0)."""
+    try:
+        spec = engine.check_spec(spec_path, _host())
+    except SpecError as exc:
+        if as_json:
+            click.echo(json.dumps({"spec": spec_path, "ok": False, "problems": [p.as_json() for p in exc.problems]},
+                                  indent=2))
+            raise click.exceptions.Exit(exc.exit_code) from None
+        raise
+    if as_json:
+        click.echo(json.dumps({
+            "spec": spec_path, "ok": True, "problems": [p.as_json() for p in spec.warnings],
+            "sources": len(spec.sources), "sinks": len(spec.sinks), "topics": len(spec.topics),
+            "broker": spec.broker.kind, "state_dir": str(spec.state_dir),
+        }, indent=2))
+        return
+    for warning in spec.warnings:
+        click.echo(str(warning), err=True)
     click.echo(
         f"{spec_path}: ok — {len(spec.sources)} source(s), {len(spec.sinks)} sink(s), "
         f"{len(spec.topics)} topic(s), broker {spec.broker.kind}, state in {spec.state_dir}"
+        + (f"; {len(spec.warnings)} warning(s)" if spec.warnings else "")
     )
 
 

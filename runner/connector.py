@@ -150,6 +150,14 @@ class _Connector:
         nothing. Never include secrets."""
         return None
 
+    def preflight(self) -> list[tuple[str, str]]:
+        """Warnings worth giving before anything runs, as (config key, message): a glob
+        that matches no file, an output directory that does not exist yet. Called by
+        `pipeline validate` and at the start of `pipeline run`; quick checks only (a glob,
+        a stat), no connections. Problems that stop the connector are errors of its
+        Config (`Config.check`) or of its task's `open`, not warnings."""
+        return []
+
 
 class SourceTask:
     """The running part of a source. Lifecycle, in order:

@@ -23,7 +23,7 @@ from runner.broker.base import Broker
 from runner.broker.embedded import EmbeddedBroker
 from runner.broker.kafka import KafkaBroker, KafkaOptions
 from runner.chain import Chain, build_chain
-from runner.config import ConfigError
+from runner.config import Config, ConfigError
 from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
@@ -94,30 +94,26 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
     ]
     for entry in spec.sources + spec.sinks:
         problems += _check_chain(spec, entry, chains[entry.key_path])
-    if problems:
-        raise SpecError([
-            dataclasses.replace(p, file=str(path), line=spec.line_of(p.path)) for p in problems
-        ])
     if spec.schema_registry is not None:
-        try:
-            RegistryOptions.parse(spec.schema_registry)
-        except ConfigError as exc:
-            raise SpecError([
-                Problem(message, path=f"schema_registry.{key}" if key else "schema_registry", file=str(path),
-                        line=spec.line_of(f"schema_registry.{key}") or spec.line_of("schema_registry"))
-                for key, message in exc.problems
-            ]) from None
+        problems += _options_problems(RegistryOptions, spec.schema_registry, "schema_registry")
     if spec.broker.kind == "kafka":
-        try:
-            KafkaOptions.parse(spec.broker.options)
-        except ConfigError as exc:
-            problems = []
-            for key, message in exc.problems:
-                where = f"broker.kafka.{key}" if key else "broker.kafka"
-                line = spec.line_of(where) or spec.line_of("broker")
-                problems.append(Problem(message, path=where, file=str(path), line=line))
-            raise SpecError(problems) from None
+        problems += _options_problems(KafkaOptions, spec.broker.options, "broker.kafka")
+    if not problems:  # connectors are built only from a sound spec
+        for entry in spec.sources + spec.sinks:
+            problems += _check_connector_built(spec, host, entry, chains[entry.key_path])
+    located = [spec.problem(p.path, p.message, level=p.level) for p in problems]
+    if any(p.level == "error" for p in located):
+        raise SpecError(sorted(located, key=lambda p: (p.line is None, p.line or 0)))
+    spec.warnings = located
     return spec
+
+
+def _options_problems(options: type[Config], value: dict, key_path: str) -> list[Problem]:
+    try:
+        options.parse(value)
+    except ConfigError as exc:
+        return [Problem(message, path=f"{key_path}.{key}" if key else key_path) for key, message in exc.problems]
+    return []
 
 
 def _check_chain(spec: Spec, entry: ConnectorSpec, chain: Chain) -> list[Problem]:
@@ -141,6 +137,43 @@ def _check_chain(spec: Spec, entry: ConnectorSpec, chain: Chain) -> list[Problem
                 fastavro.parse_schema(chain.schema(copy.deepcopy(schema)))
             except Exception as exc:  # a transform's schema() refusing the topic's schema
                 problems.append(Problem(f"on topic {name!r}: {exc}", path=f"{entry.key_path}.transforms"))
+    return problems
+
+
+def _check_connector_built(spec: Spec, host: PluginHost, entry: ConnectorSpec, chain: Chain) -> list[Problem]:
+    """What a connector says of itself once built: its `preflight` warnings (a glob that
+    matches nothing) and, for a source that knows what it produces, whether that fits the
+    schema of each topic it writes (after its transform chain)."""
+    own = [entry.topic] if entry.kind == "source" else entry.topics
+    connector = Pipeline(spec, host)._build(entry.kind, entry, own, chain=chain)
+    problems = [
+        Problem(message, path=f"{entry.key_path}.config.{key}" if key else entry.key_path, level="warning")
+        for key, message in connector.preflight()
+    ]
+    produced = connector.produces() if entry.kind == "source" else None
+    if produced is None:
+        return problems
+    try:
+        produced = chain.schema(copy.deepcopy(produced))
+    except Exception:  # a transform that cannot map this schema: the records will tell
+        return problems
+    fields = {f["name"] for f in produced.get("fields", [])}
+    for name in dict.fromkeys([entry.topic, *chain.topics()]):
+        schema = spec.topics[name].schema if name in spec.topics else None
+        if schema is None:
+            continue
+        declared = {f["name"]: f for f in schema.get("fields", [])}
+        for field_name, field in declared.items():
+            if field_name not in fields and "default" not in field:
+                problems.append(Problem(
+                    f"topic {name!r} requires field {field_name!r} (it has no default), which source "
+                    f"{entry.name!r} never produces (it produces {', '.join(sorted(fields))})",
+                    path=f"{entry.key_path}.topic"))
+        for field_name in sorted(fields - declared.keys()):
+            problems.append(Problem(
+                f"source {entry.name!r} produces field {field_name!r}, which the schema of topic {name!r} "
+                "lacks: it will be dropped from every record (add it to the schema to keep it)",
+                path=f"{entry.key_path}.topic", level="warning"))
     return problems
 
 
@@ -209,6 +242,7 @@ class Pipeline:
         self.history: RunHistory | None = None  # opened when a source has a schedule
         self.stop_event = asyncio.Event()
         self.counters: list[Counters] = []
+        self.dead_letters: DeadLetters | None = None  # once the run has started
         self.signalled = 0
 
     def stop(self) -> None:
@@ -247,7 +281,26 @@ class Pipeline:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-        return RunResult(self.counters, bool(self.signalled), loop.time() - start)
+        result = RunResult(self.counters, bool(self.signalled), loop.time() - start)
+        if self.once and not self.signalled:
+            self._check_delivered(result)
+        return result
+
+    def _check_delivered(self, result: RunResult) -> None:
+        """A bounded run that read records and delivered none, while some went to the
+        dead-letter topic, failed: say so with the first error, and how to see the rest."""
+        ends = [c for c in self.counters if c.kind == "sink"] or self.counters
+        read = sum(c.records_in for c in self.counters)
+        dead = sum(c.dead_lettered for c in self.counters)
+        if read and dead and not sum(c.records_out for c in ends):
+            first = self.dead_letters.first
+            exc = FatalError(
+                f"nothing was delivered: {dead:,} record(s) went to the dead-letter topic"
+                + (f"; the first: {first.describe()}" if first is not None else ""),
+                hint=f"see them all: {self.dead_letters.consume_command()}",
+            )
+            exc.result = result
+            raise exc
 
     def _with_result(self, exc: BaseException, elapsed: float) -> BaseException:
         """A failed run still reports what it did (the CLI prints the summary)."""
@@ -268,7 +321,7 @@ class Pipeline:
                 schema_id = registry.register(f"{name}-value", DEAD_LETTER_SCHEMA)
                 await broker.ensure_topic(name, 1)
                 dlq = topics[name] = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
-            dead_letters = DeadLetters(spec, dlq)
+            dead_letters = self.dead_letters = DeadLetters(spec, dlq, warn=not self.once)
             sources_done = asyncio.Event() if self.once else None
             source_group = SourceGroup(
                 spec.name, self._source_slots(topics, broker, dead_letters), broker, self.stop_event, self.once
@@ -329,9 +382,9 @@ class Pipeline:
             },
         )
 
-    def _build(self, kind: str, entry: ConnectorSpec, topics: list[str]) -> tuple[Any, Chain]:
-        """The connector of an entry and its transform chain. A sink is told the schemas
-        of its records as they leave the chain."""
+    def _build(self, kind: str, entry: ConnectorSpec, topics: list[str], *, chain: Chain | None = None) -> Any:
+        """The connector of an entry, built with `chain` (its transform chain). A sink is
+        told the schemas of its records as they leave the chain."""
         try:
             reg = self.host.lookup(kind, entry.connector)
         except UnknownConnector as exc:
@@ -340,12 +393,17 @@ class Pipeline:
             config = reg.cls.Config.parse(entry.config)
         except ConfigError as exc:
             raise FatalError(f"{entry.name}: invalid config: {exc}") from None
+        if chain is None:
+            chain = self._chain(entry)
+        declared = {t: schema for t in topics if (schema := self._schema_of(t)) is not None}
+        schemas = {t: chain.schema(copy.deepcopy(schema)) for t, schema in declared.items()} if kind == "sink" else declared
+        return reg.cls(config, self._context(entry, topics, schemas))
+
+    def _chain(self, entry: ConnectorSpec) -> Chain:
         chain, problems = build_chain(self.host, entry)
         if problems:
             raise FatalError(f"{entry.name}: {problems[0].path}: {problems[0].message}")
-        declared = {t: schema for t in topics if (schema := self._schema_of(t)) is not None}
-        schemas = {t: chain.schema(copy.deepcopy(schema)) for t, schema in declared.items()} if kind == "sink" else declared
-        return reg.cls(config, self._context(entry, topics, schemas)), chain
+        return chain
 
     def _schema_of(self, topic: str) -> dict | None:
         """A topic's Avro schema: the spec's, or the dead-letter record's (None: raw)."""
@@ -360,7 +418,8 @@ class Pipeline:
         if any(e.schedule is not None for e in entries):
             self.history = RunHistory(self.spec.state_dir / "runs.db")
         for entry in entries:
-            source, chain = self._build("source", entry, [entry.topic])
+            chain = self._chain(entry)
+            source = self._build("source", entry, [entry.topic], chain=chain)
             counters = Counters(entry.name, "source", target=source.target())
             self.counters.append(counters)
             routes = [t for t in dict.fromkeys(chain.topics()) if t != entry.topic]
@@ -372,7 +431,7 @@ class Pipeline:
                     writer = broker.source_writer(entry.name, index, [entry.topic, *routes, *writes])
                     task = source.tasks()[index]
                     return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop,
-                                        chain=chain, routes={t: topics[t] for t in routes})
+                                        chain=chain, routes={t: topics[t] for t in routes}, index=index)
 
                 if entry.schedule is not None:
                     assert self.history is not None
@@ -387,7 +446,8 @@ class Pipeline:
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []
         for entry in self.spec.sinks:
-            sink, chain = self._build("sink", entry, entry.topics)
+            chain = self._chain(entry)
+            sink = self._build("sink", entry, entry.topics, chain=chain)
             counters = Counters(entry.name, "sink", target=sink.target())
             self.counters.append(counters)
             runners.append(
@@ -420,7 +480,7 @@ def compact(spec: Spec, host: PluginHost, sinks: list[str] | None = None, *,
         raise UsageError(f"no sink {unknown[0]!r} in {spec.file}", hint=f"sinks: {', '.join(names) or 'none'}")
     pipeline = Pipeline(spec, host)
     return {
-        entry.name: pipeline._build("sink", entry, entry.topics)[0].compact(dry_run=dry_run)
+        entry.name: pipeline._build("sink", entry, entry.topics).compact(dry_run=dry_run)
         for entry in spec.sinks
         if sinks is None or entry.name in sinks
     }

@@ -24,7 +24,7 @@ from runner.batch import Batch
 from runner.broker.base import Broker, ProduceBatch, SourceWriter, TopicPartition
 from runner.broker.partitioner import Partitioner
 from runner.chain import Chain
-from runner.connector import SinkTask, SourceTask
+from runner.connector import Progress, SinkTask, SourceTask
 from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
 from runner.runs import RunHistory
 from runner.schedule import Clock, Schedule
@@ -43,17 +43,28 @@ MAX_BACKOFF = 30.0
 
 @dataclass
 class Counters:
-    """What one connector did; shown live and in the run summary."""
+    """What one connector did; shown live and in the run summary. They add up:
+    records_in = records_out + filtered + dead_lettered + pending."""
 
     name: str
     kind: str
-    records_in: int = 0  # source: records polled; sink: records read from topics
+    records_in: int = 0  # source: records and unreadable input polled; sink: records read from topics
     records_out: int = 0  # source: records produced; sink: records flushed
     dead_lettered: int = 0
     errors: int = 0  # data errors (dead-lettered or not)
     filtered: int = 0  # records a transform chain left out on purpose (not errors)
     retries: int = 0
     target: str | None = None  # where the connector reads or writes, from its target()
+    # Source: fields the topic's schema lacks, dropped before encoding -> how many records had them.
+    dropped: dict[str, int] = field(default_factory=dict)
+    # Source: each task's `progress()` after its last poll (None: it cannot know its size).
+    progress: dict[int, Progress | None] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        """Read but not yet delivered, filtered or dead-lettered (in flight, or left
+        behind by a failure)."""
+        return self.records_in - self.records_out - self.filtered - self.dead_lettered
 
     def filter(self, chain: Chain, batch: Batch) -> Batch:
         """`batch` through a transform chain, counting the records it filtered out."""
@@ -73,22 +84,35 @@ class Topic:
     schema_id: int | None
     key: str | None = None
     encoder: AvroEncoder | None = field(init=False)
+    fields: frozenset[str] = field(init=False)  # the schema's top-level field names
 
     def __post_init__(self) -> None:
         self.encoder = AvroEncoder(self.schema_id, self.schema) if self.schema is not None else None
+        self.fields = frozenset(f["name"] for f in (self.schema or {}).get("fields", ()))
 
 
 class DeadLetters:
-    """Applies the error policy to bad records: stop, or produce them to the DLQ topic."""
+    """Applies the error policy to bad records: stop, or produce them to the DLQ topic.
+    Remembers the first error (a run that delivered nothing reports it) and warns once
+    when many records in a row went to the dead-letter topic and none was delivered."""
 
-    def __init__(self, spec: Spec, topic: Topic | None) -> None:
+    WARN_IN_A_ROW = 1000
+
+    def __init__(self, spec: Spec, topic: Topic | None, *, warn: bool = True) -> None:
         self.tolerate = spec.errors.tolerance == "all"
         self.topic = topic
+        self.spec = spec
+        self.warn = warn  # a bounded run says it at its end instead (engine.Pipeline)
+        self.first: RecordError | None = None
+        self.in_a_row = 0
+        self.warned = False
 
     def batches(self, errors: list[RecordError]) -> list[ProduceBatch]:
         """DLQ produce batches for these errors, or DataError if the policy is to stop."""
         if not errors:
             return []
+        if self.first is None:
+            self.first = errors[0]
         if not self.tolerate or self.topic is None:
             raise DataError(errors)
         now = int(time.time() * 1000)
@@ -96,6 +120,21 @@ class DeadLetters:
         if failures:  # our own schema: a failure here is a bug, not a data error
             raise RuntimeError(f"dead-letter record did not encode: {failures[0]}")
         return [ProduceBatch(self.topic.name, 0, [None] * len(values), values, [now] * len(values))]
+
+    def settled(self, delivered: int, dead_lettered: int) -> None:
+        """After records were delivered and/or dead-lettered: count the run of dead
+        letters with nothing delivered, and warn once when it reaches WARN_IN_A_ROW."""
+        self.in_a_row = 0 if delivered else self.in_a_row + dead_lettered
+        if self.warn and self.in_a_row >= self.WARN_IN_A_ROW and not self.warned:
+            self.warned = True
+            log.warning("%s records in a row went to the dead-letter topic and none was delivered; the first: %s. "
+                        "See them: %s", f"{self.in_a_row:,}", self.first.describe() if self.first else "?",
+                        self.consume_command())
+
+    def consume_command(self) -> str:
+        """The command that shows the dead-letter topic's records."""
+        return f"pipeline consume {self.topic.name if self.topic else '<dead-letter topic>'} --from-beginning " \
+               f"--spec {self.spec.file or self.spec.path}"
 
 
 async def retrying(call: Callable[[], Any], counters: Counters, what: str) -> Any:
@@ -125,8 +164,10 @@ class SourceRunner:
         *,
         chain: Chain | None = None,
         routes: dict[str, Topic] | None = None,
+        index: int = 0,
     ) -> None:
         self.name = name
+        self.index = index  # the task's number among its source's tasks
         self.task = task
         self.topic = topic
         self.chain = chain
@@ -159,10 +200,11 @@ class SourceRunner:
     async def _poll(self, queue: asyncio.Queue[Batch | None]) -> None:
         while not self.stop.is_set():
             batch = await self._poll_once()
+            self.counters.progress[self.index] = self.task.progress()
             if batch is None:
                 break
             if len(batch) or batch.errors or batch.source_offsets:
-                self.counters.records_in += len(batch)
+                self.counters.records_in += len(batch) + len(batch.errors)  # unreadable input was read too
                 await queue.put(batch)
         # The end marker only on a normal end: on an error the task group cancels the
         # producer, and waiting here for room in a queue nobody reads would hang the run.
@@ -192,6 +234,7 @@ class SourceRunner:
         produced = 0
         for topic, indexes in self._destinations(batch):
             rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
+            self._project(topic, rows)
             values, failures = topic.encoder.encode(rows)
             if failures:
                 for f in failures:
@@ -209,18 +252,38 @@ class SourceRunner:
                 values = [v for i, v in enumerate(values) if i not in bad]
             produce += self._partitioned(topic, rows, values)
             produced += len(values)
+        self.counters.errors += len(errors)  # counted before the policy may stop the run
         produce += self.dead_letters.batches(errors)  # raises DataError under tolerance none
         await retrying(
             lambda: self.writer.produce(produce, batch.source_offsets), self.counters, f"{self.name}: produce"
         )
         self.counters.records_out += produced
-        self.counters.errors += len(errors)
         self.counters.dead_lettered += len(errors)
+        self.dead_letters.settled(produced, len(errors))
         self.produced += produced
         self.errored += len(errors)
         self.partitions.update(batch.source_offsets)
         if batch.source_offsets:
             await self.task.committed(batch.source_offsets)
+
+    def _project(self, topic: Topic, rows: list[dict]) -> None:
+        """Drop the top-level fields `topic`'s schema lacks from `rows` (in place), counting
+        them and warning once per field: a source may produce more than a topic keeps."""
+        try:
+            extra = set().union(*rows) - topic.fields
+        except TypeError:  # rows that are not dicts: the encoder refuses them itself
+            return
+        for name in sorted(extra, key=str):
+            count = 0
+            for row in rows:
+                if name in row:
+                    del row[name]
+                    count += 1
+            dropped = self.counters.dropped
+            if name not in dropped:
+                log.warning("%s: field %r is not in the schema of topic %r; dropping it from the records "
+                            "(add it to the schema to keep it)", self.name, name, topic.name)
+            dropped[name] = dropped.get(name, 0) + count
 
     def _destinations(self, batch: Batch) -> list[tuple[Topic, list[int] | None]]:
         """The topics a batch's records go to, with the indexes of each topic's records
@@ -728,6 +791,7 @@ class SinkRunner:
         batches = self.dead_letters.batches(errors)
         await retrying(lambda: self.broker.produce(batches), self.counters, f"{self.name}: dead letter")
         self.counters.dead_lettered += len(errors)
+        self.dead_letters.settled(0, len(errors))
 
     async def _put(self, consumer: Any, queue: asyncio.Queue[_Fetched | None]) -> None:
         holding = False  # the sink keeps records it has not made durable yet
@@ -772,6 +836,7 @@ class SinkRunner:
                     e.connector, e.topic, e.stage = self.name, batch.topic, e.stage or "sink"
                 await self._dead_letter(list(rejected))
             self._pending += len(batch) - len(rejected or ())
+            self.dead_letters.settled(len(batch) - len(rejected or ()), 0)
             self._put_end[tp] = batch.last_offset + 1
         # Past the whole fetched range, records dead-lettered or filtered out included.
         self._positions[tp] = self._put_to[tp] = fetched.next_offset

@@ -511,9 +511,10 @@ def test_dead_letters_and_summary_counters_for_a_run_with_bad_records(tmp_path: 
     c = counters(result)
     src, snk = c["in"], c["out"]
     assert (src.kind, snk.kind) == ("source", "sink")
-    assert src.records_in == 13  # records polled (the two unreadable lines are not records)
+    assert src.records_in == 15  # records polled, and the two unreadable lines: read too
     assert src.records_out == 11
     assert src.dead_lettered == 4 and src.errors == 4
+    assert src.records_in == src.records_out + src.filtered + src.dead_lettered and src.pending == 0
     assert (snk.records_in, snk.records_out, snk.dead_lettered, snk.errors) == (11, 11, 0, 0)
     assert sorted(r["id"] for r in collected_rows()) == [r["id"] for r in rows if r["id"] != 6]
 
