@@ -25,6 +25,7 @@ from runner.batch import Batch
 from runner.connector import (
     Config,
     FatalError,
+    Progress,
     RecordError,
     Sink,
     SinkTask,
@@ -53,6 +54,13 @@ class JsonlSource(Source):
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
 
+    def preflight(self) -> list[tuple[str, str]]:
+        return [
+            ("paths", f"{pattern!r} matches no file (yet) under {self.context.spec_dir}")
+            for pattern in self.config.paths
+            if not any(os.path.isfile(p) for p in glob.iglob(str(self.context.resolve(pattern)), recursive=True))
+        ]
+
     def tasks(self) -> list[SourceTask]:
         return [JsonlSourceTask(self.config, self.context.resolve)]
 
@@ -69,6 +77,7 @@ class JsonlSourceTask(SourceTask):
         # such a file is skipped until it grows, so one half-written line neither spins
         # the source nor holds up the other files.
         self.waiting: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}  # path -> size when last looked at (for progress)
 
     async def open(self, offsets: dict[str, Any]) -> None:
         self.offsets = {path: dict(o) for path, o in offsets.items()}
@@ -90,7 +99,7 @@ class JsonlSourceTask(SourceTask):
         for path in self.files:
             pos = self.offsets.get(path, {}).get("pos", 0)
             try:
-                size = os.path.getsize(path)
+                size = self.sizes[path] = os.path.getsize(path)
             except OSError:
                 continue
             if size < pos:
@@ -102,7 +111,11 @@ class JsonlSourceTask(SourceTask):
                 self.waiting.pop(path, None)
                 if self.current is not None:
                     self.current.close()
-                self.current = open(path, "rb")
+                try:
+                    self.current = open(path, "rb")
+                except FileNotFoundError:  # gone since it was listed: the next scan forgets it
+                    self.current = None
+                    continue
                 self.current.seek(pos)
                 self.current_path = path
                 return True
@@ -163,6 +176,13 @@ class JsonlSourceTask(SourceTask):
         if self.current is not None:
             self.current.close()
             self.current = None
+
+    def progress(self) -> Progress | None:
+        if self.config.follow or not self.sizes:
+            return None
+        total = sum(self.sizes.get(path, 0) for path in self.files)
+        done = sum(min(self.offsets.get(path, {}).get("pos", 0), self.sizes.get(path, 0)) for path in self.files)
+        return Progress(done, total)
 
 
 def _bad_line(raw: bytes, where: str, error: str) -> RecordError:

@@ -64,6 +64,38 @@ def describe_topics(spec: Spec, only: str | None = None) -> list[TopicDescriptio
     return run_async(main)
 
 
+def offsets(spec: Spec) -> dict[str, Any]:
+    """Where each source stands (its stored source offsets) and each sink (its consumer
+    group's committed offsets, the topic's end and the lag), read-only."""
+    from runner.engine import group_name
+
+    async def main() -> dict[str, Any]:
+        broker = open_broker(spec, read_only=True)
+        await broker.start()
+        try:
+            names = {t.name for t in await broker.topics()}
+            sources = [{"name": s.name, "topic": s.topic, "offsets": await broker.source_offsets(s.name)}
+                       for s in spec.sources]
+            sinks = []
+            for entry in spec.sinks:
+                group = group_name(spec, entry)
+                partitions = []
+                for topic in entry.topics:
+                    if topic not in names:
+                        continue
+                    committed = await broker.committed(group, topic)
+                    for p, end in enumerate(await broker.end_offsets(topic)):
+                        at = committed.get(p)
+                        partitions.append({"topic": topic, "partition": p, "committed": at, "end": end,
+                                           "lag": end - (at or 0)})
+                sinks.append({"name": entry.name, "group": group, "partitions": partitions})
+            return {"sources": sources, "sinks": sinks}
+        finally:
+            await broker.close()
+
+    return run_async(main)
+
+
 def consume(
     spec: Spec,
     topic: str,
@@ -79,7 +111,7 @@ def consume(
     async def main() -> int:
         broker = open_broker(spec, read_only=True)
         await broker.start()
-        registry = open_registry(spec, must_exist=True)
+        registry = open_registry(spec, read_only=True)
         try:
             names = {t.name for t in await broker.topics()}
             if topic not in names:

@@ -308,8 +308,7 @@ def runs(spec_path: str, source: str | None, limit: int, as_json: bool) -> None:
     spec = _spec(spec_path)
     listed = admin.runs(spec, source, limit)
     if as_json:
-        for r in listed:
-            click.echo(json.dumps(r.as_json()))
+        click.echo(json.dumps([r.as_json() for r in listed], indent=2))
         return
     if not listed:
         click.echo("no runs yet", err=True)
@@ -324,12 +323,21 @@ def runs(spec_path: str, source: str | None, limit: int, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True, help="Next run times per source.")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 @spec_argument
-def schedule(spec_path: str, count: int) -> None:
+def schedule(count: int, as_json: bool, spec_path: str) -> None:
     """Each scheduled source of SPEC: its schedule, its last run and its next run times."""
     spec = engine.check_spec(spec_path, _host())
+    listed = admin.schedules(spec, count)
+    if as_json:
+        click.echo(json.dumps([
+            {"source": name, "schedule": described, "catchup": catchup, "last_run": last if last != "-" else None,
+             "next_runs": [t.isoformat() for t in upcoming]}
+            for name, described, catchup, last, upcoming in listed
+        ], indent=2))
+        return
     rows = [("source", "schedule", "catchup", "last run", "next runs (UTC)")]
-    for name, described, catchup, last, upcoming in admin.schedules(spec, count):
+    for name, described, catchup, last, upcoming in listed:
         rows.append((name, described, catchup, last, ", ".join(_when(t) for t in upcoming)))
     if len(rows) == 1:
         click.echo(f"{spec_path}: no source has a schedule", err=True)
@@ -553,25 +561,80 @@ def topics_describe(topic: str, spec_path: str, as_json: bool) -> None:
     help="Wait for new records (default: follow unless --from-beginning).",
 )
 @click.option("--meta", is_flag=True, help="Wrap each value with partition, offset, timestamp and key.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of JSON lines.")
 @spec_argument
-def consume(topic: str, spec_path: str, from_beginning: bool, max_records: int | None, follow: bool | None, meta: bool) -> None:
-    """Print TOPIC's records as JSON lines, decoded from Avro.
+def consume(topic: str, from_beginning: bool, max_records: int | None, follow: bool | None, meta: bool,
+            as_json: bool, spec_path: str) -> None:
+    """Print TOPIC's records as JSON lines (or, with --json, one JSON array), decoded
+    from Avro.
 
     \b
     Example:
-      pipeline consume activity-dlq --from-beginning --spec spec.yaml
+      pipeline consume orders-dlq --from-beginning pipelines/jsonl-roundtrip.yaml
     """
     if follow is None:
         follow = not from_beginning
+    emit = click.echo
+    if as_json:
+        out = _JsonArray()
+        emit = out.item
     admin.consume(
         _spec(spec_path),
         topic,
-        click.echo,
+        emit,
         from_beginning=from_beginning,
         max_records=max_records,
         follow=follow,
         meta=meta,
     )
+    if as_json:
+        out.close()
+
+
+class _JsonArray:
+    """Writes JSON texts as the items of one array, as they come (a followed topic never ends)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def item(self, text: str) -> None:
+        click.echo(("[\n" if not self.count else ",\n") + text, nl=False)
+        self.count += 1
+
+    def close(self) -> None:
+        click.echo("\n]" if self.count else "[]")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+@spec_argument
+def offsets(as_json: bool, spec_path: str) -> None:
+    """Where each source stands (its stored source offsets: file, byte, line...) and each
+    sink (its consumer group's committed offset, the end of each topic-partition, the lag).
+
+    \b
+    Example:
+      pipeline offsets pipelines/jsonl-roundtrip.yaml
+    """
+    found = admin.offsets(_spec(spec_path))
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    rows = [("source", "source partition", "offset")]
+    for s in found["sources"]:
+        for part, offset in sorted(s["offsets"].items()) or [("-", None)]:
+            rows.append((s["name"], part, json.dumps(offset) if offset is not None else "-"))
+    if len(rows) > 1:
+        _table(rows)
+    rows = [("sink", "topic", "partition", "committed", "end", "lag")]
+    for k in found["sinks"]:
+        for p in k["partitions"]:
+            rows.append((k["name"], p["topic"], str(p["partition"]),
+                         "-" if p["committed"] is None else f"{p['committed']:,}", f"{p['end']:,}", f"{p['lag']:,}"))
+    if len(rows) > 1:
+        if len(found["sources"]):
+            click.echo()
+        _table(rows)
 
 
 @cli.group()
@@ -580,34 +643,45 @@ def schemas() -> None:
 
 
 @schemas.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 @spec_argument
-def schemas_list(spec_path: str) -> None:
+def schemas_list(as_json: bool, spec_path: str) -> None:
     """List subjects with their versions and compatibility mode."""
-    registry = engine.open_registry(_spec(spec_path), must_exist=True)
+    registry = engine.open_registry(_spec(spec_path), read_only=True)
     try:
-        rows = [("subject", "versions", "latest id", "compatibility")]
-        for subject in registry.subjects():
-            latest = registry.get(subject, "latest")
-            versions = registry.versions(subject)
-            rows.append((subject, ",".join(map(str, versions)), str(latest.id), registry.compatibility(subject)))
-        _table(rows)
+        listed = [
+            {"subject": subject, "versions": registry.versions(subject),
+             "latest_id": registry.get(subject, "latest").id, "compatibility": registry.compatibility(subject)}
+            for subject in registry.subjects()
+        ]
     finally:
         registry.close()
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    rows = [("subject", "versions", "latest id", "compatibility")]
+    rows += [(s["subject"], ",".join(map(str, s["versions"])), str(s["latest_id"]), s["compatibility"]) for s in listed]
+    _table(rows)
 
 
 @schemas.command("show")
 @click.argument("subject")
 @click.option("--version", "version", default="latest", help="A version number or 'latest'.")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON: subject, version, id and the schema.")
 @spec_argument
-def schemas_show(subject: str, spec_path: str, version: str) -> None:
+def schemas_show(subject: str, version: str, as_json: bool, spec_path: str) -> None:
     """Print a subject's schema (the latest version unless --version)."""
     if version != "latest" and not version.isdigit():
         raise click.BadParameter(f"{version!r} is neither a version number nor 'latest'", param_hint="--version")
-    registry = engine.open_registry(_spec(spec_path), must_exist=True)
+    registry = engine.open_registry(_spec(spec_path), read_only=True)
     try:
         if subject not in registry.subjects():
             raise UsageError(f"no subject {subject!r}", hint="see `pipeline schemas list`")
         got = registry.get(subject, version if version == "latest" else int(version))
+        if as_json:
+            click.echo(json.dumps({"subject": got.subject, "version": got.version, "id": got.id,
+                                   "schema": json.loads(got.schema)}, indent=2))
+            return
         click.echo(f"# subject {got.subject} version {got.version} id {got.id}", err=True)
         click.echo(json.dumps(json.loads(got.schema), indent=2))
     finally:
@@ -617,14 +691,18 @@ def schemas_show(subject: str, spec_path: str, version: str) -> None:
 @schemas.command("register")
 @click.argument("subject")
 @click.argument("schema_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Output JSON: subject, id and version.")
 @spec_argument
-def schemas_register(subject: str, schema_file: str, spec_path: str) -> None:
+def schemas_register(subject: str, schema_file: str, as_json: bool, spec_path: str) -> None:
     """Register SCHEMA_FILE (.avsc) under SUBJECT, checked against the subject's
     compatibility mode (default BACKWARD); an incompatible change is refused with the reason."""
     registry = engine.open_registry(_spec(spec_path))
     try:
         schema_id = registry.register(subject, Path(schema_file).read_text())
         latest = registry.get(subject, "latest")
+        if as_json:
+            click.echo(json.dumps({"subject": subject, "id": schema_id, "version": latest.version}))
+            return
         click.echo(f"{subject}: id {schema_id}, version {latest.version}")
     finally:
         registry.close()

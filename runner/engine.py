@@ -190,21 +190,21 @@ def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
     return EmbeddedBroker(spec.state_dir, read_only=read_only)
 
 
-def open_registry(spec: Spec, *, must_exist: bool = False) -> SchemaRegistry | RemoteSchemaRegistry:
-    """The spec's external registry, or the embedded one; `must_exist` for read-side
-    commands, which must not create a state directory as a side effect."""
+def open_registry(spec: Spec, *, read_only: bool = False) -> SchemaRegistry | RemoteSchemaRegistry:
+    """The spec's external registry, or the embedded one; `read_only` for read-side
+    commands, which must neither create a state directory nor write to one."""
     if spec.schema_registry is not None:
         try:
             return RegistryOptions.parse(spec.schema_registry).open()
         except ConfigError as exc:
             raise FatalError(f"schema_registry: {exc}") from None
     path = spec.state_dir / "schemas.db"
-    if must_exist and not path.exists():
+    if read_only and not path.exists():
         raise UsageError(
             f"no schemas registered in {spec.state_dir} yet",
             hint="`pipeline run` registers each topic's schema when it starts",
         )
-    return SchemaRegistry(path)
+    return SchemaRegistry(path, read_only=read_only)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.sqlite import use_wal
+from runner.sqlite import connect_read_only, use_wal
 
 UTC = dt.timezone.utc
 
@@ -70,7 +70,7 @@ def _time(text: str | None) -> dt.datetime | None:
 class RunHistory:
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         if read_only:
-            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            self.conn = connect_read_only(path, isolation_level=None)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)

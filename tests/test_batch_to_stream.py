@@ -114,7 +114,7 @@ def test_exports_dropped_between_ticks_land_once(tmp_path: Path) -> None:
     # `pipeline runs` lists the runs with their record counts, which add up.
     listed = run_cli("runs", "--spec", SPEC, "--json", "--last", "1000", env=env)
     assert listed.returncode == 0, listed.stderr
-    runs = [json.loads(line) for line in listed.stdout.splitlines()]
+    runs = json.loads(listed.stdout)
     for source, kind in (("exports-csv", "csv"), ("exports-parquet", "parquet")):
         mine = [r for r in runs if r["source"] == source]
         assert len(mine) >= 4, mine  # a run every 2 s for about 10 s

@@ -305,7 +305,7 @@ sources:
     assert again.returncode == 0, again.stderr
     listed = run_cli("runs", spec, "--json")
     assert listed.returncode == 0, listed.stderr
-    runs = [json.loads(line) for line in listed.stdout.splitlines()]
+    runs = json.loads(listed.stdout)
     assert [(r["source"], r["trigger"], r["outcome"], r["records"], r["files"]) for r in runs] == [
         ("hourly", "now", "ok", 5, 1), ("hourly", "now", "ok", 0, 0)]
     table = run_cli("runs", spec, "--source", "hourly")
@@ -378,5 +378,5 @@ sources:
     with open(log, "a") as out:
         out.write("".join(line.format(n=n, s=n % 60) for n in range(10, 13)))
     assert run_cli("run", spec, "--source", "logs", "--now").returncode == 0
-    runs = [json.loads(x) for x in run_cli("runs", spec, "--json").stdout.splitlines()]
+    runs = json.loads(run_cli("runs", spec, "--json").stdout)
     assert [r["records"] for r in runs] == [10, 3]

@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 from runner.broker.base import (
     FetchedBatch,
@@ -58,6 +57,7 @@ from runner.broker.base import (
     TopicPartition,
 )
 from runner.errors import FatalError, PipelineError, RetryableError
+from runner.sqlite import connect_read_only
 
 __all__ = ["EmbeddedBroker", "EmbeddedConsumer"]
 
@@ -260,9 +260,8 @@ class EmbeddedBroker:
         """
         try:
             if self.read_only:
-                uri = f"file:{quote(str(self.db_path.absolute()))}?mode=ro"
-                conn = sqlite3.connect(
-                    uri, uri=True, isolation_level=None, check_same_thread=False,
+                conn = connect_read_only(
+                    self.db_path, isolation_level=None, check_same_thread=False,
                     timeout=BUSY_TIMEOUT, cached_statements=_STATEMENT_CACHE,
                 )
             else:

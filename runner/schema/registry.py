@@ -46,7 +46,7 @@ from avro.compatibility import (
 )
 
 from runner.errors import FatalError, RetryableError
-from runner.sqlite import use_wal
+from runner.sqlite import connect_read_only, use_wal
 
 DEFAULT_COMPATIBILITY = "BACKWARD"
 
@@ -113,16 +113,21 @@ class _Parsed:
 class SchemaRegistry:
     """Embedded Confluent-style registry in a SQLite file (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only` for inspection: opens an existing file without writing anything
+        (also where the user may not write); registering then fails."""
         self.path = Path(path)
+        self._lock = threading.RLock()
+        self._schemas: dict[int, str] = {}  # id -> text; ids never change, so never stale
+        self._parsed: dict[int, _Parsed] = {}
+        if read_only:
+            self._db = connect_read_only(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: we issue BEGIN IMMEDIATE ourselves where it matters.
         self._db = sqlite3.connect(
             str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False
         )
-        self._lock = threading.RLock()
-        self._schemas: dict[int, str] = {}  # id -> text; ids never change, so never stale
-        self._parsed: dict[int, _Parsed] = {}
         with self._lock:
             use_wal(self._db)
             # A lost schema makes every record written with it unreadable, and
