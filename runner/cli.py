@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from runner import __version__, admin, engine
-from runner.errors import PipelineError, SpecError, UsageError
+from runner.errors import PipelineError, SpecError, UsageError, os_error
 from runner.plugins import DISABLE_ENV, PluginHost, UnknownConnector, load_plugins
 from runner.spec import Spec
 from runner.progress import progress_display
@@ -41,27 +41,34 @@ class PipelineGroup(click.Group):
             # Point stdout at /dev/null so the interpreter's final flush does not fail again.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(141)
+        except OSError as exc:  # the file system: a state directory, a spec's path
+            self._report(ctx, os_error(exc))
         except PipelineError as exc:
-            debug = (ctx.obj or {}).get("debug", False)
-            if debug:
-                traceback.print_exc()
-            if isinstance(exc, SpecError):
-                click.echo(str(exc), err=True)
-                click.echo(f"error: {exc.args[0]}", err=True)
-                ctx.exit(exc.exit_code)
-            click.echo(f"error: {exc}", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            if exc.__cause__ is not None and not debug:
-                click.echo("(run with --debug for the traceback)", err=True)
-            ctx.exit(exc.exit_code)
-        except Exception as exc:  # a bug, or the environment (disk, permissions)
+            self._report(ctx, exc)
+        except Exception as exc:  # a bug
             if (ctx.obj or {}).get("debug", False):
                 traceback.print_exc()
             else:
                 click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
                 click.echo("(run with --debug for the traceback)", err=True)
             ctx.exit(1)
+
+    @staticmethod
+    def _report(ctx: click.Context, exc: PipelineError) -> None:
+        debug = (ctx.obj or {}).get("debug", False)
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, SpecError):
+            click.echo(str(exc), err=True)
+            click.echo(f"error: {exc.args[0]}", err=True)
+            ctx.exit(exc.exit_code)
+        click.echo(f"error: {exc}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        # A file-system error says all there is to say; anything else has a traceback to show.
+        if exc.__cause__ is not None and not debug and not isinstance(exc.__cause__, OSError):
+            click.echo("(run with --debug for the traceback)", err=True)
+        ctx.exit(exc.exit_code)
 
 
 @click.group(cls=PipelineGroup)

@@ -25,7 +25,7 @@ from runner.broker.kafka import KafkaBroker, KafkaOptions
 from runner.chain import Chain, build_chain
 from runner.config import Config, ConfigError
 from runner.connector import ConnectorContext
-from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError
+from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError, os_error
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
 from runner.schema.registry import SchemaRegistry
 from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
@@ -311,7 +311,10 @@ class Pipeline:
     async def _run(self) -> None:
         spec = self.spec
         broker = open_broker(spec)
-        await broker.start()
+        try:
+            await broker.start()
+        except OSError as exc:
+            raise os_error(exc, "state directory", str(spec.state_dir)) from exc
         registry = open_registry(spec)
         try:
             topics = await self._prepare_topics(broker, registry)

@@ -14,6 +14,7 @@ one place (`runner.cli`).
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,32 @@ class Problem:
     def as_json(self) -> dict[str, Any]:
         return {"level": self.level, "file": self.file, "line": self.line, "path": self.path,
                 "message": self.message}
+
+
+# What to do about a file-system error, by errno.
+_OS_HINTS = {
+    errno.EACCES: "give this user access to it, or point the spec elsewhere (state_dir, the connector's path)",
+    errno.EPERM: "give this user access to it, or point the spec elsewhere (state_dir, the connector's path)",
+    errno.EROFS: "point the spec at a writable file system (state_dir, the connector's path)",
+    errno.ENOENT: "check the path (relative paths are relative to the spec's directory)",
+    errno.ENOSPC: "free some space there (df -h shows how much is left) and run again: nothing acknowledged is "
+                  "lost, and what was not flushed is delivered again",
+    errno.EDQUOT: "free some space within your quota and run again: nothing acknowledged is lost",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "the path is a directory where a file is expected: check the path",
+}
+
+
+def os_error(exc: OSError, who: str = "", where: str | None = None) -> FatalError:
+    """One line for an error of the file system: who met it, the path (the error's, else
+    `where` the connector works), the cause, and what to do (a hint by errno)."""
+    reason = (exc.strerror or type(exc).__name__).lower() if exc.strerror else str(exc)
+    path = exc.filename if exc.filename is not None else where
+    path = f"{path}: " if path else ""
+    error = FatalError(f"{who}: {path}{reason}" if who else f"{path}{reason}",
+                       hint=_OS_HINTS.get(exc.errno or 0))
+    error.__cause__ = exc
+    return error
 
 
 def suggest(word: Any, choices: Iterable[str]) -> str:

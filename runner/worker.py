@@ -25,7 +25,7 @@ from runner.broker.base import Broker, ProduceBatch, SourceWriter, TopicPartitio
 from runner.broker.partitioner import Partitioner
 from runner.chain import Chain
 from runner.connector import Progress, SinkTask, SourceTask
-from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError
+from runner.errors import DataError, FatalError, PipelineError, RecordError, RetryableError, os_error
 from runner.runs import RunHistory
 from runner.schedule import Clock, Schedule
 from runner.schema.arrow import avro_to_arrow
@@ -183,7 +183,7 @@ class SourceRunner:
         self.partitions: set[str] = set()  # source partitions (files) it committed offsets for
 
     async def run(self) -> None:
-        async with errors_named(self.name):
+        async with errors_named(self.name, self.counters.target):
             await self._run()
 
     async def _run(self) -> None:
@@ -546,15 +546,19 @@ class SourceGroup:
 
 
 @contextlib.asynccontextmanager
-async def errors_named(connector: str) -> AsyncIterator[None]:
-    """Report a connector's failure as one error naming it: an unexpected exception from
-    a task becomes a FatalError '<connector>: <Type>: <message>' (traceback with --debug)."""
+async def errors_named(connector: str, target: str | None = None) -> AsyncIterator[None]:
+    """Report a connector's failure as one error naming it: a file-system error names the
+    path (the connector's `target` where the error has none), the cause and what to do;
+    any other unexpected exception becomes '<connector>: <Type>: <message>' (traceback
+    with --debug)."""
     try:
         yield
     except (BaseExceptionGroup, Exception) as caught:
         exc = first_error(caught) if isinstance(caught, BaseExceptionGroup) else caught
         if isinstance(exc, PipelineError) or not isinstance(exc, Exception):
             raise exc from exc.__cause__
+        if isinstance(exc, OSError):
+            raise os_error(exc, connector, target) from exc
         raise FatalError(f"{connector}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -624,7 +628,7 @@ class SinkRunner:
             if chain and not self.raw else {}
 
     async def run(self) -> None:
-        async with errors_named(self.name):
+        async with errors_named(self.name, self.counters.target):
             await self._run()
 
     async def _run(self) -> None:
@@ -799,7 +803,8 @@ class SinkRunner:
         while True:
             timeout = max(0.0, FLUSH_INTERVAL - (time.monotonic() - last_flush))
             try:
-                batch = await asyncio.wait_for(queue.get(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see EmbeddedConsumer.fetch
+                    batch = await queue.get()
             except TimeoutError:
                 batch = _TICK
             try:

@@ -615,8 +615,12 @@ class EmbeddedConsumer:
             remaining = deadline - loop.time()
             if batches or remaining <= 0 or self._conn is None:
                 return batches
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+            # that comes as the wait ends, and the cancelled task then runs on (a run that
+            # never ends after one of its tasks failed).
             try:
-                await asyncio.wait_for(self._wakeup.wait(), min(POLL_INTERVAL, remaining))
+                async with asyncio.timeout(min(POLL_INTERVAL, remaining)):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
 

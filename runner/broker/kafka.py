@@ -629,7 +629,8 @@ class KafkaConsumer:
         try:
             if self.group is not None:
                 self._consumer.subscribe(self.topics, listener=_Listener(self))
-            await asyncio.wait_for(self._start(), self._join_timeout)
+            async with asyncio.timeout(self._join_timeout):  # not wait_for: it may lose a cancellation
+                await self._start()
         except BaseException as exc:
             await self.close()
             if isinstance(exc, TimeoutError):

@@ -492,3 +492,27 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path: Path) -> None:
         await b.close()
 
     run(main)
+
+
+def test_a_fetch_cancelled_as_a_produce_wakes_it_is_cancelled(tmp_path: Path) -> None:
+    """The cancellation must not be lost when it comes together with the wake-up: a task
+    group cancelling a waiting fetch (another task failed) would otherwise see the fetching
+    task run on, and the run never end (seen with a sink that hit a full disk)."""
+
+    async def main() -> None:
+        broker = await open_broker(tmp_path, {"t": 1})
+        consumer = await broker.consumer("g", ["t"])
+        try:
+            for _ in range(20):
+                fetch = asyncio.create_task(consumer.fetch(10, 5.0))
+                while not consumer._wakeup._waiters:  # the fetch waits for a produce
+                    await asyncio.sleep(0)
+                consumer._wakeup.set()  # what a produce does ...
+                fetch.cancel()  # ... in the same turn of the loop as the cancellation
+                with pytest.raises(asyncio.CancelledError):
+                    await fetch
+        finally:
+            await consumer.close()
+            await broker.close()
+
+    run(main)
