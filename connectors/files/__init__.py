@@ -48,7 +48,9 @@ Formats
   schema names; naive timestamps are UTC. A field with no column is handled as for CSV.
 - `http_log`: Apache / Nginx access logs, parsed by the `http_log` connector's compiled
   parser: `log_format` is `common`, `combined`, `vhost_combined` or an Apache LogFormat
-  string. Use `connectors.http_log.avro_schema_for(log_format)` as the topic's schema.
+  string. Escapes are undone and undecodable bytes kept as `\\xhh` text exactly as the
+  `http_log` connector does (its docstring has the rule). Use
+  `connectors.http_log.avro_schema_for(log_format)` as the topic's schema.
 
 Bad input is a data error (`Batch.errors`, under the spec's `errors:` policy, e.g. to the
 dead-letter topic) with its position, and the rest of the file is still delivered:
@@ -177,7 +179,8 @@ class FilesSource(Source):
         encoding: str = setting(
             "utf-8",
             help="csv, jsonl, http_log: text encoding (ASCII-compatible). csv: undecodable rows are "
-            "data errors; http_log: undecodable bytes are replaced.",
+            "data errors; http_log: undecodable bytes are kept as \\xhh text, like the escapes the "
+            "servers write.",
         )
         log_format: str = setting(
             "combined",

@@ -213,7 +213,7 @@ class HttpLogReader(_LineReader):
         lines: list[str] = []
         numbers: list[int] = []
         for raw in self.lines:
-            text = raw.decode(self.encoding, "replace").rstrip("\r\n")
+            text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")  # as http_log reads
             lines.append(text)
             numbers.append(self.line)
             if text.strip():

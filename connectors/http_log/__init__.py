@@ -25,6 +25,15 @@ from its position, so `access.log*` works with `compress` and `delaycompress`. O
 uncompressed copies are not recognised: with `copytruncate`, let the globs match the live
 file and the compressed copies, not `access.log.1`.
 
+Escapes and bytes, losslessly: Apache and Nginx log `"`, `\\` and non-printable or
+non-ASCII bytes as `\\"`, `\\\\`, `\\n`... and `\\xhh` (Apache lowercase hex, Nginx `\\xHH`).
+Every string field, `request` included, is unescaped: runs of `\\xhh` that form valid
+UTF-8 become those characters (`\\xc3\\xa4` -> `ä`); bytes that do not (Latin-1, CP1251,
+a truncated sequence, garbage) stay exactly as written (`\\xe4`, `\\xE4`): never U+FFFD,
+never a dropped byte; `\\xc3\\xa4\\xe4` -> `ä\\xe4`. Raw bytes of the file that are not
+valid in `encoding` are read as `\\xhh` text (`backslashreplace`), under the same rule.
+Lines without a backslash skip unescaping entirely (see `formats.py`).
+
 Lines that do not match the format are data errors (`Batch.errors`, position
 `path:line`); blank lines are skipped. Records are not keyed here: set `key:` on the topic
 (`key: remote_host`).
@@ -100,7 +109,9 @@ class HttpLogSource(Source):
             max=60,
         )
         encoding: str = setting(
-            "utf-8", help="Text encoding of the logs (ASCII-compatible); undecodable bytes are replaced."
+            "utf-8",
+            help="Text encoding of the logs (ASCII-compatible); bytes that are not valid in it are "
+            "kept as \\xhh text, like the escapes the servers write.",
         )
 
         @classmethod

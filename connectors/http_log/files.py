@@ -294,7 +294,8 @@ class FileSet:
                     consumed = len(data)  # the last line, unterminated but complete
                 else:
                     unfinished = True
-        text = str(memoryview(data)[:consumed], self.encoding, "replace")
+        # Undecodable bytes become `\\xhh` text, as the servers write such bytes (see formats.py).
+        text = str(memoryview(data)[:consumed], self.encoding, "backslashreplace")
         lines = text.split("\n")
         if text.endswith("\n") or not text:
             lines.pop()
