@@ -49,8 +49,9 @@ Formats
 - `http_log`: Apache / Nginx access logs, parsed by the `http_log` connector's compiled
   parser: `log_format` is `common`, `combined`, `vhost_combined` or an Apache LogFormat
   string. Escapes are undone and undecodable bytes kept as `\\xhh` text exactly as the
-  `http_log` connector does (its docstring has the rule). Use
-  `connectors.http_log.avro_schema_for(log_format)` as the topic's schema.
+  `http_log` connector does (its docstring has the rule). The source declares the
+  format's schema (`produces()`, checked by `pipeline validate`):
+  `connectors.http_log.avro_schema_for(log_format)` is the topic's schema to use.
 
 Bad input is a data error (`Batch.errors`, under the spec's `errors:` policy, e.g. to the
 dead-letter topic) with its position, and the rest of the file is still delivered:
@@ -133,7 +134,7 @@ from runner.connector import (
 from connectors.files.convert import plan_for
 from connectors.files.readers import READ_ERRORS, FailedReader, Reader, Settings, Unreadable, open_reader
 from connectors.http_log import encoding_problems
-from connectors.http_log.formats import NAMED_FORMATS, FormatError, compile_format
+from connectors.http_log.formats import NAMED_FORMATS, FormatError, avro_schema_for, compile_format
 
 __all__ = ["FilesSource", "FilesSourceTask"]
 
@@ -213,6 +214,13 @@ class FilesSource(Source):
 
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
+
+    def produces(self) -> dict[str, Any] | None:
+        """http_log: the schema of `log_format`, as the http_log source declares it. csv,
+        jsonl and parquet: None (their fields are in the data)."""
+        if self.config.format == "http_log":
+            return avro_schema_for(self.config.log_format)
+        return None
 
     def tasks(self) -> list[SourceTask]:
         return [FilesSourceTask(self.config, self.context)]
