@@ -24,6 +24,9 @@ Files
   into place (the usual way), or set `min_age` to leave files modified within that many
   seconds for a later run.
 - `.gz` files are decompressed on the fly for the line formats (csv, jsonl, http_log).
+- A file deleted or moved away between the scan and its turn is skipped with a warning
+  naming it; one deleted or moved while it is read is read to its end (its descriptor is
+  open). A file the pipeline may not read stops the run with a message naming it.
 
 Formats
 -------
@@ -357,12 +360,13 @@ class FilesSourceTask(SourceTask):
             path = self.pending.popleft()
             try:
                 fh = open(path, "rb")
-            except FileNotFoundError:
-                continue  # gone since the scan
             except PermissionError as exc:
                 raise FatalError(
                     f"cannot read {path}: {exc.strerror}", hint="the pipeline needs read access to the files"
                 ) from None
+            except OSError as exc:  # deleted or renamed away since the scan
+                log.warning("files: skipped %s: %s", path, exc.strerror or exc)
+                continue
             st = os.fstat(fh.fileno())
             key = _stat_key(st)
             ident = _identity(self.config.identity, fh, st)

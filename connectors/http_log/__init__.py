@@ -19,6 +19,11 @@ is finished first, from the descriptor it holds open) or by truncation (`copytru
 read again from the start); an unfinished last line waits until it is complete. Without
 `follow` it reads what is there, unfinished last line included, and ends.
 
+Without `follow`, a file deleted or renamed away between the scan and its reading is
+skipped with a warning naming it; one deleted or renamed while it is read is read to its
+end from the descriptor held open. A file the pipeline may not read stops the run
+(`FatalError` naming it, with a hint).
+
 Rotated `.gz` files are read too, once per identity. A `.gz` whose first bytes are those
 of a file already read is recognised as that file compressed by logrotate and continues
 from its position, so `access.log*` works with `compress` and `delaycompress`. Only
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +71,8 @@ from connectors.http_log.formats import (
     avro_schema_for,
     compile_format,
 )
+
+log = logging.getLogger("pipeline.http_log")
 
 __all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format", "encoding_problems"]
 
@@ -172,24 +180,36 @@ class HttpLogSourceTask(SourceTask):
         self.last_scan = time.monotonic()
 
     def _step(self, rescan: bool) -> Batch | None:
-        """One batch from the next file with unread data; None if there is none."""
+        """One batch from the next file with unread data; None if there is none.
+
+        A file deleted or renamed away while it is read is read to its end from the
+        descriptor held open. One that vanishes between the scan and its opening is skipped:
+        following, the next scan decides (rotation does that all the time); otherwise with a
+        warning naming it. A file the pipeline may not read stops the run (FatalError)."""
         if self.config.follow and (rescan or time.monotonic() - self.last_scan >= self.config.poll_interval):
             self._scan()
-        while (tf := self.files.next_file()) is not None:
-            before = tf.offset()
+        while True:
+            tf = None
             try:
+                tf = self.files.next_file()
+                if tf is None:
+                    return None
+                before = tf.offset()
                 chunk = self.files.read(tf, self.config.batch_size)
             except PermissionError as exc:
                 raise FatalError(
-                    f"cannot read {tf.path}: {exc.strerror}",
+                    f"cannot read {exc.filename or (tf.path if tf else '')}: {exc.strerror}",
                     hint="the pipeline needs read access to the logs (often the adm group)",
                 ) from None
-            except OSError:
-                tf.close()  # vanished between looking and reading: the next scan decides
+            except OSError as exc:
+                if tf is None:
+                    raise
+                tf.close()  # vanished between looking and reading
                 tf.matched = False
+                if not self.config.follow:
+                    log.warning("http_log: skipped %s: %s", tf.path, exc.strerror or exc)
                 continue
             return self._parse(chunk, moved=tf.offset() != before)
-        return None
 
     def _parse(self, chunk: Chunk, moved: bool) -> Batch:
         tf = chunk.file

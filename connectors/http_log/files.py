@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import glob
 import gzip
+import logging
 import os
 import stat
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("pipeline.http_log")
 
 HEAD_BYTES = 1024
 MIN_BLOCK = 64 * 1024
@@ -175,11 +178,19 @@ class FileSet:
             if tf.handle is None:
                 if not tf.matched:
                     return None
-                st = os.stat(tf.path)
+                try:
+                    st = os.stat(tf.path)
+                except PermissionError:
+                    raise  # the source stops, naming the path
+                except OSError as exc:
+                    self._vanished(tf, exc.strerror or str(exc))
+                    return None
                 if identity(st) != tf.ident:
-                    return None  # the name now belongs to another file; the next scan sorts it
+                    # The name now belongs to another file; following, the next scan sorts it.
+                    self._vanished(tf, "replaced by another file")
+                    return None
             elif tf.gz:
-                st = os.stat(tf.path)
+                st = os.fstat(tf.handle.fileobj.fileno())  # deleted or renamed meanwhile: read on
             else:
                 st = os.fstat(tf.handle)
         except OSError:
@@ -192,6 +203,8 @@ class FileSet:
                 try:
                     if not self._resume_copy(tf):
                         return None
+                except PermissionError:
+                    raise  # not something waiting mends: the source says so
                 except (EOFError, zlib.error, OSError):
                     if self.follow:
                         tf.waiting = st.st_size  # not complete yet
@@ -206,6 +219,13 @@ class FileSet:
         if not tf.matched or not self.follow:
             tf.close()  # drained: a following source keeps only files the globs still match
         return None
+
+    def _vanished(self, tf: TrackedFile, why: str) -> None:
+        """`tf` is no longer at its path. Following, that is rotation, which the next scan
+        sorts out; otherwise the file is skipped, with a warning."""
+        if not self.follow:
+            tf.matched = False
+            log.warning("http_log: skipped %s: %s", tf.path, why)
 
     def _resume_copy(self, tf: TrackedFile) -> bool:
         """A `.gz` seen for the first time may be the compressed copy of a file already
