@@ -22,7 +22,9 @@ read again from the start); an unfinished last line waits until it is complete. 
 Without `follow`, a file deleted or renamed away between the scan and its reading is
 skipped with a warning naming it; one deleted or renamed while it is read is read to its
 end from the descriptor held open. A file the pipeline may not read stops the run
-(`FatalError` naming it, with a hint).
+(`FatalError` naming it, with a hint). Progress (`pipeline run`'s display) is bytes read
+of the bytes this run has to read over the matched files (`.gz` in compressed bytes; what
+earlier runs read is not counted); None when following, as a followed log has no end.
 
 Rotated `.gz` files are read too, once per identity. A `.gz` whose first bytes are those
 of a file already read is recognised as that file compressed by logrotate and continues
@@ -57,6 +59,7 @@ from runner.batch import Batch
 from runner.connector import (
     Config,
     FatalError,
+    Progress,
     RecordError,
     Source,
     SourceTask,
@@ -172,6 +175,15 @@ class HttpLogSourceTask(SourceTask):
 
     async def close(self) -> None:
         self.files.close()
+
+    def progress(self) -> Progress | None:
+        """Bytes read of the bytes in the matched files (`.gz` in compressed bytes), as the
+        last scan and read left them; positions resumed from offsets count as read. None
+        when following: a followed log has no end."""
+        if self.config.follow:
+            return None
+        done, total = self.files.progress()
+        return Progress(done, total, "bytes")
 
     # -- in a worker thread ------------------------------------------------------------------
 

@@ -1,17 +1,20 @@
 """What the two file-reading sources (`http_log`, and `files` with any format) share:
-a file vanishing under them, and a file they may not read. Real files, through the task
-API (no engine)."""
+progress over the files they read, a file vanishing under them, and a file they may not
+read. Real files, through the task API (no engine)."""
 
 from __future__ import annotations
 
 import asyncio
 import builtins
 import gzip
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import connectors.files
@@ -91,6 +94,99 @@ def rows_of(batches: list[Batch]) -> list[dict]:
     return [r for b in batches for r in b.rows]
 
 
+# -- progress --------------------------------------------------------------------------------
+
+
+def write_logs(tmp: Path) -> int:
+    """Two plain logs and a .gz; their size on disk."""
+    write(tmp / "logs" / "access.log.1", entries(1, 301))
+    with gzip.open(tmp / "logs" / "access.log.2.gz", "wt") as f:
+        f.write(entries(301, 601))
+    write(tmp / "logs" / "access.log", entries(601, 901))
+    now = 1_700_000_000
+    for age, name in enumerate(["access.log", "access.log.1", "access.log.2.gz"]):
+        os.utime(tmp / "logs" / name, (now - age * 60, now - age * 60))
+    return sum(p.stat().st_size for p in (tmp / "logs").iterdir())
+
+
+@both
+def test_progress_moves_from_zero_to_the_total_in_bytes(tmp_path: Path, make) -> None:
+    size = write_logs(tmp_path)
+    batches, seen = run(make(tmp_path, paths=["logs/access.log*"], batch_size=50))
+    assert numbers(rows_of(batches)) == list(range(1, 901))
+    assert all(isinstance(p, Progress) and p.unit == "bytes" for p in seen)
+    assert (seen[0].done, seen[0].total) == (0, size)  # known from the scan, before any read
+    done = [p.done for p in seen]
+    assert done == sorted(done), "progress never goes back"
+    assert all(p.done <= p.total == size for p in seen)
+    assert any(0 < d < size for d in done)
+    assert (seen[-1].done, seen[-1].total) == (size, size)
+
+
+@both
+def test_progress_of_a_resumed_run_counts_only_what_is_left(tmp_path: Path, make) -> None:
+    write(tmp_path / "access.log", entries(1, 201))
+    size = (tmp_path / "access.log").stat().st_size
+
+    async def part() -> dict:
+        task = make(tmp_path, paths=["access.log"], batch_size=50)
+        await task.open({})
+        try:
+            return (await task.poll()).source_offsets
+        finally:
+            await task.close()
+
+    offsets = asyncio.run(part())
+    batches, seen = run(make(tmp_path, paths=["access.log"], batch_size=50), offsets)
+    assert numbers(rows_of(batches)) == list(range(51, 201))
+    read_before = len(entries(1, 51).encode())
+    assert (seen[0].done, seen[0].total) == (0, size - read_before)  # known before any read
+    assert (seen[-1].done, seen[-1].total) == (size - read_before,) * 2
+    # Read to the end by an earlier run: nothing to do, nothing to show.
+    final = {**offsets, **{k: v for b in batches for k, v in b.source_offsets.items()}}
+    batches, seen = run(make(tmp_path, paths=["access.log"]), final)
+    assert rows_of(batches) == [] and (seen[-1].done, seen[-1].total) == (0, 0)
+
+
+def test_progress_is_none_for_a_followed_log(tmp_path: Path) -> None:
+    write(tmp_path / "access.log", entries(1, 3))
+
+    async def main() -> None:
+        task = http_log_task(tmp_path, paths=["access.log"], follow=True, poll_interval=0.01)
+        await task.open({})
+        try:
+            assert task.progress() is None
+            await task.poll()
+            assert task.progress() is None
+        finally:
+            await task.close()
+
+    asyncio.run(main())
+
+
+ORDER = {
+    "type": "record",
+    "name": "Order",
+    "fields": [{"name": "id", "type": "int"}, {"name": "note", "type": ["null", "string"], "default": None}],
+}
+
+
+def test_files_progress_for_csv_jsonl_and_parquet(tmp_path: Path) -> None:
+    write(tmp_path / "in" / "a.csv", "id,note\n" + "".join(f"{i},n{i}\n" for i in range(1, 101)))
+    write(tmp_path / "in" / "b.jsonl", "".join(json.dumps({"id": i}) + "\n" for i in range(101, 201)))
+    with gzip.open(tmp_path / "in" / "c.csv.gz", "wt") as f:
+        f.write("id,note\n" + "".join(f"{i},n{i}\n" for i in range(201, 301)))
+    pq.write_table(pa.table({"id": pa.array(range(301, 401), pa.int32())}), tmp_path / "in" / "d.parquet", row_group_size=25)
+    for fmt, pattern in (("csv", "in/*.csv*"), ("jsonl", "in/*.jsonl"), ("parquet", "in/*.parquet")):
+        files = [p for p in (tmp_path / "in").glob(pattern.split("/")[1])]
+        size = sum(p.stat().st_size for p in files)
+        batches, seen = run(files_task(tmp_path, ORDER, paths=[pattern], format=fmt, batch_size=30))
+        assert len(rows_of(batches)) == 100 * len(files), fmt
+        done = [p.done for p in seen]
+        assert done == sorted(done) and any(0 < d < size for d in done), (fmt, done, size)
+        assert (seen[0].total, seen[-1].done, seen[-1].total) == (size, size, size), fmt
+
+
 # -- a file vanishing ------------------------------------------------------------------------
 
 
@@ -124,6 +220,7 @@ def test_a_file_gone_between_the_scan_and_its_reading_is_skipped_with_a_warning(
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.name.startswith("pipeline.") and f"skipped {b}" in warning.getMessage()
     assert "\n" not in warning.getMessage() and warning.exc_info is None
+    assert seen[-1].done == seen[-1].total == a.stat().st_size
 
 
 @both
@@ -150,6 +247,7 @@ def test_a_file_gone_while_it_is_read_is_read_to_its_end(
         batches, seen = run(make(tmp_path, paths=["logs/access.log*"], batch_size=10), between=vanish, first=1)
     assert numbers(rows_of(batches)) == list(range(1, 101))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert seen[-1].done == seen[-1].total > 0
 
 
 def test_http_log_following_stays_quiet_about_a_vanished_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
