@@ -345,11 +345,11 @@ class FilesSourceTask(SourceTask):
             return min(pos, st.st_size)
         return 0
 
-    def _unplan(self, path: str) -> tuple[int, int]:
-        """Take a file out of the plan (it is opened, skipped or gone): (size, read before)."""
+    def _unplan(self, path: str) -> None:
+        """Take a file out of the plan: it is being opened, skipped or gone (once opened,
+        it counts again with its size and start as found then)."""
         size, before = self.planned.pop(path, (0, 0))
         self.total_bytes -= size - before
-        return size, before
 
     def _step(self) -> Batch | None:
         rows: list[dict[str, Any]] = []

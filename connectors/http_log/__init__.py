@@ -177,9 +177,9 @@ class HttpLogSourceTask(SourceTask):
         self.files.close()
 
     def progress(self) -> Progress | None:
-        """Bytes read of the bytes in the matched files (`.gz` in compressed bytes), as the
-        last scan and read left them; positions resumed from offsets count as read. None
-        when following: a followed log has no end."""
+        """Bytes read of the bytes this run reads over the matched files (what earlier runs
+        read counts in neither; `.gz` in compressed bytes), as the last scan and read left
+        them (see `FileSet.progress`). None when following: a followed log has no end."""
         if self.config.follow:
             return None
         done, total = self.files.progress()
