@@ -11,12 +11,20 @@ two members from the tarball. If that fails the tests fail; they never skip.
 The reference: PyPI `apachelogs` reads every line. Every Parquet row (read back with
 DuckDB) must equal its reading of a line, field by field, and every line it rejects must
 be in the dead-letter topic with its file and line number.
+
+One setting of the reference is chosen to match a deliberate rule of http_log: escaped
+bytes (`\\xhh`) are decoded as UTF-8 where they are valid UTF-8 and kept as written where
+they are not (`REFERENCE`: apachelogs with `encoding="utf-8", errors="backslashreplace"`).
+apachelogs' default, Latin-1, would read each escaped byte as one Latin-1 character. The
+shipped logs hold no escapes, so this changes nothing for them; the last test injects
+Apache-style escapes into the real lines to compare the rule itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -36,6 +44,9 @@ SDIST = "Stetl-2.1.tar.gz"
 SDIST_SHA256 = "b4052cad5eaf585b96d4a8ac9e8b706a2cd445b8e223b11b775873af2bcf7891"
 MEMBERS = {name: f"Stetl-2.1/examples/basics/14_logfileinput/input/{name}" for name in ("apache.log", "apache2.log")}
 SERVER_FORMAT = '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i" %D'
+# apachelogs reading escaped bytes as http_log does (see the module docstring); Apache writes
+# `\\xhh` in lowercase, which is what `backslashreplace` gives back for the invalid bytes.
+REFERENCE = {"encoding": "utf-8", "errors": "backslashreplace"}
 
 # Every column http_log gives for `combined`; the server's format adds duration_us.
 COMBINED_COLUMNS = (
@@ -133,7 +144,7 @@ errors: {{tolerance: all, dead_letter_topic: activity-dlq}}
 
 
 def test_the_servers_own_format_reads_every_line_as_apachelogs_does(tmp_path: Path, stetl_logs: dict[str, list[str]]) -> None:
-    reference = apachelogs.LogParser(SERVER_FORMAT)
+    reference = apachelogs.LogParser(SERVER_FORMAT, **REFERENCE)
     expected = [expected_row(reference.parse(line), SERVER_COLUMNS) for lines in stetl_logs.values() for line in lines]
     assert len(expected) == 110
 
@@ -149,7 +160,7 @@ def test_combined_keeps_the_lines_apachelogs_accepts_and_dead_letters_the_rest(t
     # are kept as shipped, which `combined` does not match.
     real = [line for lines in stetl_logs.values() for line in lines]
     mixed = [line.rsplit(" ", 1)[0] if i % 2 else line for i, line in enumerate(real)]
-    reference = apachelogs.LogParser(apachelogs.COMBINED)
+    reference = apachelogs.LogParser(apachelogs.COMBINED, **REFERENCE)
     accepted, rejected = [], []
     for number, line in enumerate(mixed, 1):
         try:
@@ -164,3 +175,42 @@ def test_combined_keeps_the_lines_apachelogs_accepts_and_dead_letters_the_rest(t
     path = tmp_path / "logs" / "mixed.log"
     assert sorted((d["record"], d["position"]) for d in dead) == sorted((line, f"{path}:{n}") for line, n in rejected)
     assert all(d["stage"] == "source" and d["connector"] == "logs" for d in dead)
+
+
+# Escapes as Apache writes them (ap_escape_logitem): \xhh in lowercase, \" and \\, \t...
+ESCAPES = [
+    r"\xc3\xa4",  # UTF-8: ä
+    r"\xf0\x9f\x98\x80",  # UTF-8, 4 bytes
+    r"\xcf\xf0\xe8\xe2\xe5\xf2",  # CP1251: kept as logged
+    r"\xe4",  # Latin-1: kept
+    r"\xe2\x82",  # truncated: kept
+    r"\xc3\xa4\xe4",  # valid then invalid
+    r"\xe4\xc3\xa4",  # invalid then valid
+    r"\"q\"",
+    r"\\",
+    r"\x16\t",  # control characters
+]
+
+
+def test_escaped_bytes_read_as_apachelogs_reads_them_as_utf8(tmp_path: Path, stetl_logs: dict[str, list[str]]) -> None:
+    """The real lines with escapes added at the end of the request target, the referrer and
+    the user agent; http_log reads them as apachelogs does with `REFERENCE`."""
+    real = [line for lines in stetl_logs.values() for line in lines]
+    escaped = []
+    for i, line in enumerate(real):
+        esc = ESCAPES[i % len(ESCAPES)]
+        line = re.sub(r' HTTP/1\.[01]" ', lambda m: esc + m.group(0), line, count=1)  # request target
+        line = re.sub(r'" "', lambda m: esc + m.group(0), line, count=1)  # referrer
+        line = re.sub(r'" \d+$', lambda m: esc + m.group(0), line, count=1)  # user agent
+        assert line.count(esc) == 3, line
+        escaped.append(line)
+    assert sum(line.count("\\") for line in escaped) > 300
+    reference = apachelogs.LogParser(SERVER_FORMAT, **REFERENCE)
+    expected = [expected_row(reference.parse(line), SERVER_COLUMNS) for line in escaped]
+
+    rows, dead = run_pipeline(tmp_path, SERVER_FORMAT, {"escaped.log": escaped}, SERVER_COLUMNS)
+
+    assert dead == []
+    assert multiset(rows) == multiset(expected)
+    referrers = {r[SERVER_COLUMNS.index("referrer")] for r in rows}
+    assert "-\\xcf\\xf0\\xe8\\xe2\\xe5\\xf2" in referrers and "-ä\\xe4" in referrers and "-😀" in referrers

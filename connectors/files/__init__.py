@@ -24,6 +24,11 @@ Files
   into place (the usual way), or set `min_age` to leave files modified within that many
   seconds for a later run.
 - `.gz` files are decompressed on the fly for the line formats (csv, jsonl, http_log).
+- A file deleted or moved away between the scan and its turn is skipped with a warning
+  naming it; one deleted or moved while it is read is read to its end (its descriptor is
+  open). A file the pipeline may not read stops the run with a message naming it.
+- Progress (`pipeline run`'s display): bytes read of the bytes this run has to read (what
+  earlier runs read is not counted); `.gz` in compressed bytes, Parquet by rows read.
 
 Formats
 -------
@@ -48,7 +53,10 @@ Formats
   schema names; naive timestamps are UTC. A field with no column is handled as for CSV.
 - `http_log`: Apache / Nginx access logs, parsed by the `http_log` connector's compiled
   parser: `log_format` is `common`, `combined`, `vhost_combined` or an Apache LogFormat
-  string. Use `connectors.http_log.avro_schema_for(log_format)` as the topic's schema.
+  string. Escapes are undone and undecodable bytes kept as `\\xhh` text exactly as the
+  `http_log` connector does (its docstring has the rule). The source declares the
+  format's schema (`produces()`, checked by `pipeline validate`):
+  `connectors.http_log.avro_schema_for(log_format)` is the topic's schema to use.
 
 Bad input is a data error (`Batch.errors`, under the spec's `errors:` policy, e.g. to the
 dead-letter topic) with its position, and the rest of the file is still delivered:
@@ -110,6 +118,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from bisect import bisect_right
@@ -122,6 +131,7 @@ from runner.batch import Batch
 from runner.connector import (
     Config,
     FatalError,
+    Progress,
     RecordError,
     Source,
     SourceTask,
@@ -131,7 +141,7 @@ from runner.connector import (
 from connectors.files.convert import plan_for
 from connectors.files.readers import READ_ERRORS, FailedReader, Reader, Settings, Unreadable, open_reader
 from connectors.http_log import encoding_problems
-from connectors.http_log.formats import NAMED_FORMATS, FormatError, compile_format
+from connectors.http_log.formats import NAMED_FORMATS, FormatError, avro_schema_for, compile_format
 
 __all__ = ["FilesSource", "FilesSourceTask"]
 
@@ -177,7 +187,8 @@ class FilesSource(Source):
         encoding: str = setting(
             "utf-8",
             help="csv, jsonl, http_log: text encoding (ASCII-compatible). csv: undecodable rows are "
-            "data errors; http_log: undecodable bytes are replaced.",
+            "data errors; http_log: undecodable bytes are kept as \\xhh text, like the escapes the "
+            "servers write.",
         )
         log_format: str = setting(
             "combined",
@@ -211,6 +222,13 @@ class FilesSource(Source):
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
 
+    def produces(self) -> dict[str, Any] | None:
+        """http_log: the schema of `log_format`, as the http_log source declares it. csv,
+        jsonl and parquet: None (their fields are in the data)."""
+        if self.config.format == "http_log":
+            return avro_schema_for(self.config.log_format)
+        return None
+
     def tasks(self) -> list[SourceTask]:
         return [FilesSourceTask(self.config, self.context)]
 
@@ -243,6 +261,13 @@ class FilesSourceTask(SourceTask):
         self.current: tuple[str, str, tuple[int, ...]] | None = None  # path, id, stat key
         self.finished: dict[str, tuple[int, ...]] = {}  # path -> stat key, read to the end this run
         self.lock = threading.Lock()  # one reader at a time: a poll's thread, or close
+        # Progress, in bytes of the files this run reads (what earlier runs read is left out):
+        # path -> (size, bytes read before this run) for the files not opened yet; the sum
+        # of what is left of them all; what the finished ones and the current one account for.
+        self.planned: dict[str, tuple[int, int]] = {}
+        self.total_bytes = 0
+        self.done_bytes = 0
+        self.current_bytes = (0, 0, 0)  # (size, read before this run, taken so far)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -264,6 +289,14 @@ class FilesSourceTask(SourceTask):
         # A poll cancelled on shutdown may still be reading in its thread: wait for it.
         await asyncio.to_thread(self._locked, self._close)
 
+    def progress(self) -> Progress:
+        """Bytes read of the bytes this run reads: the matched files' sizes at the scan, less
+        what earlier runs read of them (files read to the end then count not at all). A .gz
+        counts in compressed bytes, a Parquet file by the share of its rows read. From what
+        the last scan and read saw; no I/O."""
+        size, base, taken = self.current_bytes
+        return Progress(self.done_bytes + max(min(taken, size) - base, 0), self.total_bytes, "bytes")
+
     def _locked(self, fn: Any) -> Any:
         with self.lock:
             return fn()
@@ -281,19 +314,42 @@ class FilesSourceTask(SourceTask):
         for root, pattern, base in self.patterns:
             for found_path in glob.glob(pattern, root_dir=root, recursive=True):
                 path = os.path.normpath(os.path.join(root, found_path))
-                if path in found or not os.path.isfile(path):
+                if path in found:
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     continue
                 if self.move_dir is not None and _under(path, self.move_dir):
                     continue
-                if self.config.min_age:
-                    try:
-                        if os.stat(path).st_mtime > young_before:
-                            continue
-                    except OSError:
-                        continue
+                if self.config.min_age and st.st_mtime > young_before:
+                    continue
                 found[path] = base
+                self.planned[path] = (st.st_size, self._read_before(path, st))
         self.bases = found
         self.pending = deque(sorted(found))
+        self.total_bytes = sum(size - before for size, before in self.planned.values())
+
+    def _read_before(self, path: str, st: os.stat_result) -> int:
+        """Bytes of the file that earlier runs read, as far as the stored offset tells
+        without reading the file (an estimate, corrected when the file is opened)."""
+        stored = self.stored.get(path)
+        if not isinstance(stored, dict) or stored.get("id") != f"stat:{st.st_size}:{st.st_mtime_ns}":
+            return 0
+        if stored.get("done"):
+            return st.st_size
+        pos = stored.get("pos")
+        if isinstance(pos, int) and not path.endswith(".gz"):
+            return min(pos, st.st_size)
+        return 0
+
+    def _unplan(self, path: str) -> None:
+        """Take a file out of the plan: it is being opened, skipped or gone (once opened,
+        it counts again with its size and start as found then)."""
+        size, before = self.planned.pop(path, (0, 0))
+        self.total_bytes -= size - before
 
     def _step(self) -> Batch | None:
         rows: list[dict[str, Any]] = []
@@ -332,10 +388,14 @@ class FilesSourceTask(SourceTask):
                 if chunk is None or not chunk.consumed:  # pragma: no cover - a reader always moves
                     offset["done"] = done = True
             offsets[path] = offset
+            self.current_bytes = (*self.current_bytes[:2], reader.taken(self.current_bytes[0]))
             if done:
                 reader.close()
                 self.reader = self.current = None
                 self.finished[path] = key
+                size, base, _ = self.current_bytes
+                self.done_bytes += size - base
+                self.current_bytes = (0, 0, 0)
         if not rows and not errors and not offsets:
             return None
         return Batch(rows, source_offsets=offsets, errors=errors, positions=positions)
@@ -344,14 +404,16 @@ class FilesSourceTask(SourceTask):
         """Open the next file to read (skipping, and moving, those read before)."""
         while self.pending:
             path = self.pending.popleft()
+            self._unplan(path)
             try:
                 fh = open(path, "rb")
-            except FileNotFoundError:
-                continue  # gone since the scan
             except PermissionError as exc:
                 raise FatalError(
                     f"cannot read {path}: {exc.strerror}", hint="the pipeline needs read access to the files"
                 ) from None
+            except OSError as exc:  # deleted or renamed away since the scan
+                log.warning("files: skipped %s: %s", path, exc.strerror or exc)
+                continue
             st = os.fstat(fh.fileno())
             key = _stat_key(st)
             ident = _identity(self.config.identity, fh, st)
@@ -373,6 +435,9 @@ class FilesSourceTask(SourceTask):
             except READ_ERRORS as exc:
                 fh.close()
                 self.reader = FailedReader(path, f"cannot read: {exc}", int(start.get("row", 0)))
+            base = min(self.reader.taken(st.st_size), st.st_size) if start else 0
+            self.current_bytes = (st.st_size, base, base)
+            self.total_bytes += st.st_size - base
             return True
         return False
 

@@ -6,6 +6,9 @@ file's stored offset) in chunks of at most `n` records and says how far it got.
   records, or seeks straight to `pos` (line formats) when the offset has it.
 - `done`: the end of the file was reached.
 - `state()`: the extra offset fields needed to resume quickly (`pos`, `line`).
+- `taken(size)`: how many of the file's `size` bytes it has taken so far, for progress
+  (compressed bytes for a .gz; for Parquet the share of rows read); called in the reading
+  thread, after `read`.
 
 Positions are `<path>:<line>` for the line formats (the line a record starts on, header
 and blank lines counted, so an editor shows it) and `<path>#row<N>` for Parquet (1-based).
@@ -62,6 +65,9 @@ class Reader:
 
     def state(self) -> dict[str, Any]:
         return {}
+
+    def taken(self, size: int) -> int:
+        return size if self.done else 0
 
     def close(self) -> None:
         return None
@@ -148,6 +154,13 @@ class _LineReader(Reader):
     def state(self) -> dict[str, Any]:
         return {"pos": self.pos, "line": self.line}
 
+    def taken(self, size: int) -> int:
+        if self.done:
+            return size
+        if self.f is self.fh:
+            return self.pos
+        return self.fh.tell()  # a .gz: the compressed bytes its decompressor took
+
     def close(self) -> None:
         if self.f is not self.fh:
             self.f.close()
@@ -213,7 +226,7 @@ class HttpLogReader(_LineReader):
         lines: list[str] = []
         numbers: list[int] = []
         for raw in self.lines:
-            text = raw.decode(self.encoding, "replace").rstrip("\r\n")
+            text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")  # as http_log reads
             lines.append(text)
             numbers.append(self.line)
             if text.strip():
@@ -468,6 +481,9 @@ class ParquetReader(Reader):
             out.rows.append(row)
             out.numbers.append(number)
         return out
+
+    def taken(self, size: int) -> int:
+        return size if self.done or not self.total else size * self.row // self.total
 
     def close(self) -> None:
         self.fh.close()

@@ -19,11 +19,27 @@ is finished first, from the descriptor it holds open) or by truncation (`copytru
 read again from the start); an unfinished last line waits until it is complete. Without
 `follow` it reads what is there, unfinished last line included, and ends.
 
+Without `follow`, a file deleted or renamed away between the scan and its reading is
+skipped with a warning naming it; one deleted or renamed while it is read is read to its
+end from the descriptor held open. A file the pipeline may not read stops the run
+(`FatalError` naming it, with a hint). Progress (`pipeline run`'s display) is bytes read
+of the bytes this run has to read over the matched files (`.gz` in compressed bytes; what
+earlier runs read is not counted); None when following, as a followed log has no end.
+
 Rotated `.gz` files are read too, once per identity. A `.gz` whose first bytes are those
 of a file already read is recognised as that file compressed by logrotate and continues
 from its position, so `access.log*` works with `compress` and `delaycompress`. Only
 uncompressed copies are not recognised: with `copytruncate`, let the globs match the live
 file and the compressed copies, not `access.log.1`.
+
+Escapes and bytes, losslessly: Apache and Nginx log `"`, `\\` and non-printable or
+non-ASCII bytes as `\\"`, `\\\\`, `\\n`... and `\\xhh` (Apache lowercase hex, Nginx `\\xHH`).
+Every string field, `request` included, is unescaped: runs of `\\xhh` that form valid
+UTF-8 become those characters (`\\xc3\\xa4` -> `ä`); bytes that do not (Latin-1, CP1251,
+a truncated sequence, garbage) stay exactly as written (`\\xe4`, `\\xE4`): never U+FFFD,
+never a dropped byte; `\\xc3\\xa4\\xe4` -> `ä\\xe4`. Raw bytes of the file that are not
+valid in `encoding` are read as `\\xhh` text (`backslashreplace`), under the same rule.
+Lines without a backslash skip unescaping entirely (see `formats.py`).
 
 Lines that do not match the format are data errors (`Batch.errors`, position
 `path:line`); blank lines are skipped. Records are not keyed here: set `key:` on the topic
@@ -34,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +59,7 @@ from runner.batch import Batch
 from runner.connector import (
     Config,
     FatalError,
+    Progress,
     RecordError,
     Source,
     SourceTask,
@@ -56,6 +74,8 @@ from connectors.http_log.formats import (
     avro_schema_for,
     compile_format,
 )
+
+log = logging.getLogger("pipeline.http_log")
 
 __all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format", "encoding_problems"]
 
@@ -100,7 +120,9 @@ class HttpLogSource(Source):
             max=60,
         )
         encoding: str = setting(
-            "utf-8", help="Text encoding of the logs (ASCII-compatible); undecodable bytes are replaced."
+            "utf-8",
+            help="Text encoding of the logs (ASCII-compatible); bytes that are not valid in it are "
+            "kept as \\xhh text, like the escapes the servers write.",
         )
 
         @classmethod
@@ -154,6 +176,15 @@ class HttpLogSourceTask(SourceTask):
     async def close(self) -> None:
         self.files.close()
 
+    def progress(self) -> Progress | None:
+        """Bytes read of the bytes this run reads over the matched files (what earlier runs
+        read counts in neither; `.gz` in compressed bytes), as the last scan and read left
+        them (see `FileSet.progress`). None when following: a followed log has no end."""
+        if self.config.follow:
+            return None
+        done, total = self.files.progress()
+        return Progress(done, total, "bytes")
+
     # -- in a worker thread ------------------------------------------------------------------
 
     def _scan(self) -> None:
@@ -161,24 +192,36 @@ class HttpLogSourceTask(SourceTask):
         self.last_scan = time.monotonic()
 
     def _step(self, rescan: bool) -> Batch | None:
-        """One batch from the next file with unread data; None if there is none."""
+        """One batch from the next file with unread data; None if there is none.
+
+        A file deleted or renamed away while it is read is read to its end from the
+        descriptor held open. One that vanishes between the scan and its opening is skipped:
+        following, the next scan decides (rotation does that all the time); otherwise with a
+        warning naming it. A file the pipeline may not read stops the run (FatalError)."""
         if self.config.follow and (rescan or time.monotonic() - self.last_scan >= self.config.poll_interval):
             self._scan()
-        while (tf := self.files.next_file()) is not None:
-            before = tf.offset()
+        while True:
+            tf = None
             try:
+                tf = self.files.next_file()
+                if tf is None:
+                    return None
+                before = tf.offset()
                 chunk = self.files.read(tf, self.config.batch_size)
             except PermissionError as exc:
                 raise FatalError(
-                    f"cannot read {tf.path}: {exc.strerror}",
+                    f"cannot read {exc.filename or (tf.path if tf else '')}: {exc.strerror}",
                     hint="the pipeline needs read access to the logs (often the adm group)",
                 ) from None
-            except OSError:
-                tf.close()  # vanished between looking and reading: the next scan decides
+            except OSError as exc:
+                if tf is None:
+                    raise
+                tf.close()  # vanished between looking and reading
                 tf.matched = False
+                if not self.config.follow:
+                    log.warning("http_log: skipped %s: %s", tf.path, exc.strerror or exc)
                 continue
             return self._parse(chunk, moved=tf.offset() != before)
-        return None
 
     def _parse(self, chunk: Chunk, moved: bool) -> Batch:
         tf = chunk.file

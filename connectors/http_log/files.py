@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import glob
 import gzip
+import logging
 import os
 import stat
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("pipeline.http_log")
 
 HEAD_BYTES = 1024
 MIN_BLOCK = 64 * 1024
@@ -60,6 +63,12 @@ class TrackedFile:
     matched: bool = True  # found by the globs at the last scan
     broken: bool = False  # unreadable (a corrupt .gz): skipped for good
     avg_line: float = 200.0
+    # For progress, in bytes of the file (compressed, for a .gz): its size when last looked
+    # at, what was read of it before this run, and (gz) what the decompressor has taken.
+    size: int = 0
+    base: int = 0
+    zpos: int = 0
+    done_before: bool = False  # gz: read to its end by an earlier run
     copy_checked: bool = False  # gz: compared with the files already read (see resume_copy)
     prefix: bytes | None = None  # gz: its first uncompressed bytes, for that comparison
 
@@ -75,6 +84,8 @@ class TrackedFile:
             head=(int(head[0]), int(head[1])) if head else None,
             done=bool(offset.get("done", False)),
             copy_checked=True,
+            base=0 if offset.get("gz") else int(offset.get("pos", 0)),  # gz: known once opened
+            done_before=bool(offset.get("gz") and offset.get("done")),
         )
 
     def offset(self) -> dict[str, Any]:
@@ -88,7 +99,7 @@ class TrackedFile:
 
     def restart(self) -> None:
         """Read again from the start (the file was truncated or replaced)."""
-        self.pos = self.line = 0
+        self.pos = self.line = self.base = 0
         self.head = None
         self.waiting = None
 
@@ -130,7 +141,7 @@ class FileSet:
     def scan(self) -> None:
         """Match the globs again: new identities are tracked (resuming from a stored offset
         if there is one), renamed ones get their new path, vanished ones are marked."""
-        found: dict[str, str] = {}
+        found: dict[str, tuple[str, int]] = {}  # identity -> (path, size)
         for pattern in self.patterns:
             for path in sorted(glob.glob(pattern, recursive=True)):
                 try:
@@ -138,16 +149,17 @@ class FileSet:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    found.setdefault(identity(st), path)
+                    found.setdefault(identity(st), (path, st.st_size))
         for tf in self.files.values():
             tf.matched = tf.ident in found
-        for ident, path in found.items():
+        for ident, (path, size) in found.items():
             tf = self.files.get(ident)
             if tf is None:
                 stored = self.known.get(ident)
                 tf = TrackedFile.from_offset(ident, stored) if stored else TrackedFile(ident, path, path.endswith(".gz"))
                 self.files[ident] = tf
             tf.path = path
+            tf.size = size
 
     def next_file(self) -> TrackedFile | None:
         """The file with unread data that was modified longest ago (so rotated files are
@@ -175,16 +187,25 @@ class FileSet:
             if tf.handle is None:
                 if not tf.matched:
                     return None
-                st = os.stat(tf.path)
+                try:
+                    st = os.stat(tf.path)
+                except PermissionError:
+                    raise  # the source stops, naming the path
+                except OSError as exc:
+                    self._vanished(tf, exc.strerror or str(exc))
+                    return None
                 if identity(st) != tf.ident:
-                    return None  # the name now belongs to another file; the next scan sorts it
+                    # The name now belongs to another file; following, the next scan sorts it.
+                    self._vanished(tf, "replaced by another file")
+                    return None
             elif tf.gz:
-                st = os.stat(tf.path)
+                st = os.fstat(tf.handle.fileobj.fileno())  # deleted or renamed meanwhile: read on
             else:
                 st = os.fstat(tf.handle)
         except OSError:
             tf.close()
             return None
+        tf.size = st.st_size
         if tf.gz:  # empty: just created by logrotate, which is about to fill it
             if not st.st_size or st.st_size == tf.waiting:
                 return None
@@ -192,6 +213,8 @@ class FileSet:
                 try:
                     if not self._resume_copy(tf):
                         return None
+                except PermissionError:
+                    raise  # not something waiting mends: the source says so
                 except (EOFError, zlib.error, OSError):
                     if self.follow:
                         tf.waiting = st.st_size  # not complete yet
@@ -206,6 +229,13 @@ class FileSet:
         if not tf.matched or not self.follow:
             tf.close()  # drained: a following source keeps only files the globs still match
         return None
+
+    def _vanished(self, tf: TrackedFile, why: str) -> None:
+        """`tf` is no longer at its path. Following, that is rotation, which the next scan
+        sorts out; otherwise the file is skipped, with a warning."""
+        if not self.follow:
+            tf.matched = False
+            log.warning("http_log: skipped %s: %s", tf.path, why)
 
     def _resume_copy(self, tf: TrackedFile) -> bool:
         """A `.gz` seen for the first time may be the compressed copy of a file already
@@ -294,7 +324,8 @@ class FileSet:
                     consumed = len(data)  # the last line, unterminated but complete
                 else:
                     unfinished = True
-        text = str(memoryview(data)[:consumed], self.encoding, "replace")
+        # Undecodable bytes become `\\xhh` text, as the servers write such bytes (see formats.py).
+        text = str(memoryview(data)[:consumed], self.encoding, "backslashreplace")
         lines = text.split("\n")
         if text.endswith("\n") or not text:
             lines.pop()
@@ -303,11 +334,15 @@ class FileSet:
             if eof and consumed == len(data):
                 tf.done = True
                 tf.close()
+            else:
+                tf.zpos = tf.handle.fileobj.tell()  # compressed bytes the decompressor took
         elif unfinished:
             tf.waiting = tf.pos + len(data)  # skip the file until it grows
         else:
             tf.waiting = None
         tf.pos += consumed
+        if not tf.gz and tf.pos > tf.size:
+            tf.size = tf.pos  # grew since we looked
         tf.line += len(lines)
         if lines:
             tf.avg_line = 0.5 * tf.avg_line + 0.5 * (consumed / len(lines))
@@ -321,6 +356,8 @@ class FileSet:
             tf.handle = gzip.open(tf.path, "rb")
             if tf.pos:
                 tf.handle.seek(tf.pos)  # decompresses up to pos: once per run
+            if not tf.zpos:  # first opened in this run: what was read before, compressed
+                tf.base = tf.zpos = tf.handle.fileobj.tell() if tf.pos else 0
             tf.carry = b""
             return
         fd = os.open(tf.path, os.O_RDONLY)
@@ -362,6 +399,25 @@ class FileSet:
             return Chunk(tf, [], first_line)
         tf.broken = True
         return Chunk(tf, [], first_line, error=f"cannot read {tf.path}: {exc}")
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes read, bytes to read) in this run over the tracked files, from what the last
+        scan and reads saw; no I/O. What earlier runs read counts in neither, so the rate and
+        ETA shown are this run's. A `.gz` counts in compressed bytes (its size, and how far
+        its decompressor got); one read to its end by an earlier run counts not at all, one
+        resumed mid-way counts whole until it is opened."""
+        done = total = 0
+        for tf in self.files.values():
+            if tf.gz:
+                if tf.done_before:
+                    continue
+                reached = tf.size if tf.done or tf.broken else tf.zpos
+            else:
+                reached = tf.pos
+            base = min(tf.base, tf.size)
+            done += max(min(reached, tf.size) - base, 0)
+            total += tf.size - base
+        return done, total
 
     def close(self) -> None:
         for tf in self.files.values():

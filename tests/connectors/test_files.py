@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.files import FilesSource
-from connectors.http_log import avro_schema_for
+from connectors.http_log import HttpLogSource, avro_schema_for
 from runner.batch import Batch
 from runner.connector import ConfigError
 from tests.conftest import read_jsonl_dir, run_cli
@@ -506,6 +506,20 @@ def test_http_log_files_are_parsed_by_the_http_log_parser(tmp_path: Path) -> Non
     path = tmp_path / "logs" / "access.log"
     assert [(e.position, e.record) for e in batch.errors] == [(f"{path}:2", "garbage")]
     assert list(batch.positions) == [f"{path}:1", f"{path}:3"]
+
+
+def test_the_files_source_declares_the_http_log_schema_and_nothing_for_other_formats(tmp_path: Path) -> None:
+    def produces(**config: Any) -> dict | None:
+        return FilesSource(FilesSource.Config.parse({"paths": ["x"], **config}), context(tmp_path)).produces()
+
+    http_log = HttpLogSource(HttpLogSource.Config.parse({"paths": ["x"]}), context(tmp_path))
+    assert produces(format="http_log") == avro_schema_for("combined") == http_log.produces()
+    custom = '%h %l %u %t "%r" %>s %b %D "%{X-Forwarded-For}i"'
+    assert produces(format="http_log", log_format=custom) == avro_schema_for(custom)
+    assert "duration_us" in [f["name"] for f in produces(format="http_log", log_format=custom)["fields"]]
+    assert produces(format="http_log", log_format="common") == avro_schema_for("common")
+    for fmt in ("csv", "jsonl", "parquet"):
+        assert produces(format=fmt) is None, fmt
 
 
 def test_config_is_checked_with_every_problem_named() -> None:

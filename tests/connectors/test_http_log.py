@@ -184,18 +184,24 @@ def test_request_lines_that_are_not_method_target_protocol_keep_the_raw_request(
         return {k: r[k] for k in ("method", "path", "protocol", "request", "status")}
 
     assert row("-") == {"method": None, "path": None, "protocol": None, "request": "-", "status": 400}
+    # A TLS handshake sent to a plain-HTTP port: the bytes that are valid UTF-8 (ASCII control
+    # characters) are decoded, the one that is not (\xfc) stays as logged.
     tls = "\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03"
-    assert row(tls) == {"method": None, "path": None, "protocol": None, "request": tls, "status": 400}
+    assert row(tls) == {
+        "method": None, "path": None, "protocol": None, "request": "\x16\x03\x01\x02\x00\x01\x00\x01\\xfc\x03\x03",
+        "status": 400,
+    }
     assert row("GET /")["request"] == "GET /" and row("GET /")["method"] is None
     assert row("") == {"method": None, "path": None, "protocol": None, "request": "", "status": 400}
     assert row("GET /a b HTTP/1.1")["path"] is None  # four words: not a request line
-    assert row('GET /say?\\"hi\\" HTTP/1.1')["path"] == '/say?"hi"'  # unescaped; request stays as logged
+    assert row('GET /say?\\"hi\\" HTTP/1.1')["path"] == '/say?"hi"'
+    assert row('GET /say?\\"hi\\" HTTP/1.1')["request"] == 'GET /say?"hi" HTTP/1.1'  # unescaped too
 
 
 def test_escapes_are_undone_apache_and_nginx_style() -> None:
     assert unescape(r"a \"b\" c\\d") == 'a "b" c\\d'
     assert unescape(r"nginx \x22quoted\x22 caf\xC3\xA9") == 'nginx "quoted" café'
-    assert unescape(r"tab\there \xff") == "tab\there \ufffd"
+    assert unescape(r"tab\there \xff") == "tab\there \\xff"  # not UTF-8: kept as logged (tests in test_http_log_escapes.py)
     (r,) = parse("combined", '192.0.2.9 - - [10/Oct/2023:13:55:36 +0000] "GET / HTTP/1.1" 200 1 "-" "UA \\x22x\\x22"')
     assert r["user_agent"] == 'UA "x"'
 
@@ -298,10 +304,10 @@ def test_lines_longer_than_a_read_block(tmp_path: Path) -> None:
     assert numbers(rows) == [1, 2, 3] and rows[1]["user_agent"] == long_ua
 
 
-def test_undecodable_bytes_are_replaced(tmp_path: Path) -> None:
+def test_undecodable_bytes_are_kept_as_escapes(tmp_path: Path) -> None:
     (tmp_path / "a.log").write_bytes(line(1).replace("Chrome", "Chr\xffme").encode("latin-1"))
     (row,) = rows_of(drain(source_task(tmp_path, paths=["a.log"])))
-    assert "Chr\ufffdme" in row["user_agent"]
+    assert "Chr\\xffme" in row["user_agent"]
 
 
 def test_resume_from_offsets_after_every_batch_without_repeat_or_skip(tmp_path: Path) -> None:
@@ -662,7 +668,7 @@ errors: {tolerance: all, dead_letter_topic: activity-dlq}
     out = [json.loads(x) for p in sorted((tmp_path / "out").glob("*.jsonl")) for x in p.read_text().splitlines()]
     assert sorted(numbers([r for r in out if r["path"]])) == list(range(1, 70))
     (tls,) = [r for r in out if not r["path"]]
-    assert tls["request"] == "\\x16\\x03" and tls["timestamp"] == "2023-10-10T11:55:36+00:00" and tls["bytes"] is None
+    assert tls["request"] == "\x16\x03" and tls["timestamp"] == "2023-10-10T11:55:36+00:00" and tls["bytes"] is None
     dlq = run_cli("consume", "activity-dlq", "--from-beginning", "--spec", "spec.yaml", cwd=tmp_path, timeout=60)
     assert dlq.returncode == 0, dlq.stderr
     (dead,) = [json.loads(x) for x in dlq.stdout.splitlines()]
