@@ -55,11 +55,7 @@ class JsonlSource(Source):
         return " ".join(self.context.display(p) for p in self.config.paths)
 
     def preflight(self) -> list[tuple[str, str]]:
-        return [
-            ("paths", f"{pattern!r} matches no file (yet) under {self.context.spec_dir}")
-            for pattern in self.config.paths
-            if not any(os.path.isfile(p) for p in glob.iglob(str(self.context.resolve(pattern)), recursive=True))
-        ]
+        return self.context.unmatched(self.config.paths)
 
     def tasks(self) -> list[SourceTask]:
         return [JsonlSourceTask(self.config, self.context.resolve)]

@@ -159,7 +159,7 @@ def run(once: bool, progress: bool | None, sources: tuple[str, ...], now: bool, 
     \b
     Examples:
       pipeline run pipelines/jsonl-roundtrip.yaml --once
-      pipeline run pipelines/batch-to-stream.yaml --source exports --now
+      pipeline run pipelines/batch-to-stream.yaml --source exports-csv --now
     """
     host = _host()
     spec = engine.check_spec(spec_path, host)

@@ -68,6 +68,7 @@ Errors
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,14 @@ class ConnectorContext:
         """A config path made absolute against the spec's directory."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.spec_dir / p
+
+    def unmatched(self, patterns: list[str]) -> list[tuple[str, str]]:
+        """`preflight` warnings for the globs (relative to the spec) that match no file."""
+        return [
+            ("paths", f"{pattern!r} matches no file (yet) in {self.spec_dir}")
+            for pattern in patterns
+            if not any(os.path.isfile(p) for p in glob.iglob(str(self.resolve(pattern)), recursive=True))
+        ]
 
     def display(self, path: str | Path) -> str:
         """A config path as a user finds it: resolved, and relative to the working

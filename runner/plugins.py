@@ -14,8 +14,10 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import tomllib
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +25,8 @@ import pluggy
 
 from runner import hookspecs
 from runner.connector import Sink, Source
+from runner.errors import suggest
+from runner.hookspecs import PROJECT
 from runner.transform import Transform
 
 ENTRY_POINT_GROUP = "pipeline"
@@ -252,12 +256,34 @@ class PluginHost:
                 f"uninstall or disable one of them ({DISABLE_ENV}=name)"
             )
         known = [n for (k, n) in self._registry if k == kind]
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        other = [k for (k, n) in self._registry if n == name]
+        if other:
+            hint = f"; {name!r} is a {_what(other[0])}, not a {_what(kind)}"
+        elif example := example_plugin(name):
+            hint = f"; the example plugin {example.name} provides it: python -m pip install -e {example}"
+        else:
+            hint = suggest(name, known)
         broken = [p.name for p in self.plugins if p.broken]
         note = f" (broken plugins: {', '.join(broken)})" if broken else ""
         available = ", ".join(sorted(known)) or "none"
-        raise UnknownConnector(f"unknown {_what(kind)} {name!r}{hint} (available: {available}){note}")
+        raise UnknownConnector(f"unknown {_what(kind)} {name!r}{hint} (installed: {available}){note}")
+
+
+# The example plugins shipped beside the engine in a source checkout (plugins/*).
+EXAMPLES = Path(__file__).resolve().parents[1] / "plugins"
+
+
+def example_plugin(name: str) -> Path | None:
+    """The directory of the example plugin whose entry point is `name`, if this is a
+    source checkout that has one (so an unknown connector can say how to install it)."""
+    for pyproject in sorted(EXAMPLES.glob("*/pyproject.toml")):
+        try:
+            project = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        if name in project.get("project", {}).get("entry-points", {}).get(PROJECT, {}):
+            return pyproject.parent
+    return None
 
 
 def _what(kind: str) -> str:

@@ -112,7 +112,7 @@ class DeadLetters:
         if not errors:
             return []
         if self.first is None:
-            self.first = errors[0]
+            self.first = min(errors, key=_input_order)
         if not self.tolerate or self.topic is None:
             raise DataError(errors)
         now = int(time.time() * 1000)
@@ -135,6 +135,12 @@ class DeadLetters:
         """The command that shows the dead-letter topic's records."""
         return f"pipeline consume {self.topic.name if self.topic else '<dead-letter topic>'} --from-beginning " \
                f"--spec {self.spec.file or self.spec.path}"
+
+
+def _input_order(error: RecordError) -> tuple[str, int]:
+    """A record error's place in the input ("path:line"), to tell which came first."""
+    where, _, line = (error.position or "").rpartition(":")
+    return (where, int(line)) if line.isdigit() else (error.position or "", 0)
 
 
 async def retrying(call: Callable[[], Any], counters: Counters, what: str) -> Any:

@@ -222,6 +222,9 @@ class FilesSource(Source):
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
 
+    def preflight(self) -> list[tuple[str, str]]:
+        return self.context.unmatched(self.config.paths)
+
     def produces(self) -> dict[str, Any] | None:
         """http_log: the schema of `log_format`, as the http_log source declares it. csv,
         jsonl and parquet: None (their fields are in the data)."""

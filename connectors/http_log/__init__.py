@@ -142,6 +142,9 @@ class HttpLogSource(Source):
     def target(self) -> str:
         return " ".join(self.context.display(p) for p in self.config.paths)
 
+    def preflight(self) -> list[tuple[str, str]]:
+        return self.context.unmatched(self.config.paths)
+
     def produces(self) -> dict[str, Any]:
         return avro_schema_for(self.config.format)
 
