@@ -289,8 +289,11 @@ class Pipeline:
     def _check_delivered(self, result: RunResult) -> None:
         """A bounded run that read records and delivered none, while some went to the
         dead-letter topic, failed: say so with the first error, and how to see the rest."""
+        # Read from the input: by the sources, or the sinks of a spec without any. (A sink
+        # may re-read a filtered tail of its last run: that is no new input.)
+        sources = [c for c in self.counters if c.kind == "source"]
         ends = [c for c in self.counters if c.kind == "sink"] or self.counters
-        read = sum(c.records_in for c in self.counters)
+        read = sum(c.records_in for c in sources or self.counters)
         dead = sum(c.dead_lettered for c in self.counters)
         if read and dead and not sum(c.records_out for c in ends):
             first = self.dead_letters.first
