@@ -311,3 +311,37 @@ def test_progress_is_a_plain_line_every_10_seconds_off_a_terminal() -> None:
     first, second = out.getvalue().splitlines()
     assert first.startswith("pipeline: [10s] access-logs 5,000 read (500/s), 25% of 4.0 MiB")
     assert second == "pipeline: [20s] access-logs 10,000 read (500/s), 50% of 4.0 MiB, ETA 20s"
+
+
+def test_the_jsonl_sink_cuts_a_half_written_tail_on_restart(tmp_path: Path) -> None:
+    """What a crash mid-write leaves past the last committed mark is cut, not read as data."""
+    spec = activity_spec(tmp_path, ACTIVITY, sink="jsonl")
+    assert run_cli("run", spec, "--once").returncode == 0
+    out = tmp_path / "out" / "activity-0.jsonl"
+    committed = out.read_text()
+    with out.open("a") as f:
+        f.write('{"remote_host": "half-writ')  # a crash in the middle of a line
+    log = tmp_path / "logs" / "access.log"
+    log.write_text(log.read_text() + '203.0.113.9 - - [20/Nov/2026:13:00:00 +0000] "GET /new HTTP/1.1" 200 5 "-" "x"\n')
+    assert run_cli("run", spec, "--once").returncode == 0
+    lines = [json.loads(line) for f in sorted((tmp_path / "out").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert out.read_text().startswith(committed) and "half-writ" not in out.read_text()
+    assert [r["path"] for r in lines].count("/new") == 1
+
+
+def test_progress_on_a_terminal_is_a_bar_per_connector() -> None:
+    from io import StringIO
+
+    from runner.connector import Progress
+    from runner.progress import progress_display
+    from runner.worker import Counters
+
+    out = StringIO()
+    show = progress_display(out, live=True)
+    source, sink = Counters("access-logs", "source", records_in=5_000), Counters("lake", "sink", records_in=4_000)
+    source.progress = {0: Progress(1024 * 1024, 4 * 1024 * 1024)}
+    show([source, sink], 1.0)
+    show.clear()
+    text = out.getvalue()
+    assert "access-logs" in text and "25%" in text and "1.00M/4.00M" in text
+    assert "lake" in text and "4.00k" in text
