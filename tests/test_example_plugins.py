@@ -32,6 +32,7 @@ def install(plugin: str, target: Path) -> dict[str, str]:
 
 def test_sequence_plugin_runs_and_resumes(tmp_path: Path) -> None:
     env = install("pipeline-sequence", tmp_path / "site")
+    run_plugin_tests("pipeline-sequence", env)
     env |= {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
     plugins = {p["name"]: p for p in json.loads(run_cli("plugins", "--json", env=env).stdout)}
     assert plugins["sequence"]["distribution"] == "pipeline-sequence"
@@ -44,6 +45,18 @@ def test_sequence_plugin_runs_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     records = [r for rs in read_jsonl_dir(tmp_path / "out").values() for r in rs]
     assert sorted(r["n"] for r in records) == list(range(5000))
+
+
+# Each example plugin, installed and run by a test below that also runs its own tests.
+PLUGINS = {"pipeline-sequence", "pipeline-useragent", "pipeline-sqlite"}
+
+
+def test_every_example_plugin_has_tests_and_is_tested_here() -> None:
+    found = {p.name for p in (REPO / "plugins").iterdir() if (p / "pyproject.toml").is_file()}
+    assert found == PLUGINS, "a plugin in plugins/ is missing from this module's tests (or gone)"
+    for plugin in sorted(found):
+        assert list((REPO / "plugins" / plugin / "tests").glob("test_*.py")), f"{plugin} has no tests/test_*.py"
+        assert "testpaths" in (REPO / "plugins" / plugin / "pyproject.toml").read_text(), f"{plugin}: no pytest settings of its own"
 
 
 def run_plugin_tests(plugin: str, env: dict[str, str]) -> None:
