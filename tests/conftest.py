@@ -45,3 +45,27 @@ def read_jsonl_dir(directory: Path) -> dict[str, list[dict]]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Long kill -9 runs in modules that mark none of their tests (yet): slow like the others.
+SLOW = {
+    "tests/connectors/test_parquet.py::test_kill_9_at_random_moments_then_restart_holds_each_record_exactly_once",
+    "tests/test_schedule.py::test_kill_9_during_a_scheduled_run_is_recorded_interrupted_and_the_next_run_delivers_the_rest",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For the parallel run (pytest-xdist, `addopts` in pyproject.toml):
+
+    - The tests of test_real_world_log.py share the sdist their module fixture downloads
+      into pytest's cache: on two workers at once, both would write the same file.
+      They run on one worker (`--dist loadgroup`).
+    - Tests marked slow come first, so each starts while the others still have work,
+      instead of last on one worker while the rest stand idle.
+    """
+    for item in items:
+        if item.path.name == "test_real_world_log.py":
+            item.add_marker(pytest.mark.xdist_group("stetl-sdist"))
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected

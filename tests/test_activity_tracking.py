@@ -72,6 +72,7 @@ def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_pa
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_kill_9_five_times_during_a_300k_line_run_leaves_each_line_once(tmp_path: Path) -> None:
     import collections
     import datetime as dt

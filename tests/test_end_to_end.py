@@ -11,6 +11,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import pipeline_exe, read_jsonl_dir, run_cli
 
 SCHEMA = {
@@ -142,6 +144,7 @@ def test_tolerance_none_stops_naming_the_record_and_field(tmp_path: Path) -> Non
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     spec = write_spec(tmp_path)
     valid, _ = write_input(tmp_path, 500_000, files=4)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 import ua_parser
 
 from tests.conftest import read_jsonl_dir, run_cli
@@ -30,6 +31,7 @@ def install(plugin: str, target: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(target)}
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_sequence_plugin_runs_and_resumes(tmp_path: Path) -> None:
     env = install("pipeline-sequence", tmp_path / "site")
     run_plugin_tests("pipeline-sequence", env)
@@ -68,6 +70,7 @@ def run_plugin_tests(plugin: str, env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_useragent_plugin_enriches_the_access_logs(tmp_path: Path) -> None:
     env = install("pipeline-useragent", tmp_path / "site")  # --no-deps: ua-parser comes from the test extra
     run_plugin_tests("pipeline-useragent", env)
@@ -127,6 +130,7 @@ def last_updates(path: Path) -> dict[int, dict]:
     return last
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_sqlite_plugin_upserts_order_updates(tmp_path: Path) -> None:
     env = install("pipeline-sqlite", tmp_path / "site")
     run_plugin_tests("pipeline-sqlite", env)

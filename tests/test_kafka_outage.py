@@ -206,6 +206,7 @@ def test_a_broker_away_for_less_than_the_session_timeout_loses_and_duplicates_no
     run_through_an_outage(tmp_path, proxied_kafka, cut_seconds=3)
 
 
+@pytest.mark.slow
 def test_a_broker_away_for_longer_than_the_session_timeout_loses_and_duplicates_nothing(
     tmp_path: Path, proxied_kafka: TcpProxy
 ) -> None:

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import duckdb
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import pipeline_exe, run_cli
@@ -54,6 +55,7 @@ def topic_records(bootstrap: str, topic: str, partitions: int) -> list[tuple[int
     return asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_the_source_task_moves_to_the_other_process_after_kill_9_and_every_line_lands_once(tmp_path: Path, kafka: Tansu) -> None:
     count, malformed_every = 300_000, 1000
     subprocess.run(

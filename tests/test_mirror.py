@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as TP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -126,6 +127,7 @@ def freeze(pid: int) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_mirror_copies_a_keyed_topic_exactly_once_through_a_kill_9(tmp_path: Path, kafka: Tansu) -> None:
     target = Tansu(tmp_path / "tansu-b.log")
     try:
