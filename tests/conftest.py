@@ -55,17 +55,13 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For the parallel run (pytest-xdist, `addopts` in pyproject.toml):
-
-    - The tests of test_real_world_log.py share the sdist their module fixture downloads
-      into pytest's cache: on two workers at once, both would write the same file.
-      They run on one worker (`--dist loadgroup`).
-    - Tests marked slow come first, so each starts while the others still have work,
-      instead of last on one worker while the rest stand idle.
-    """
+    """For the parallel run (pytest-xdist, `addopts` in pyproject.toml): the tests of
+    test_real_world_log.py share the sdist their module fixture downloads into pytest's
+    cache (on two workers at once, both would write the same file), so they run on one
+    worker (`--dist loadgroup`). Otherwise tests run in the order collected, which spreads
+    the long ones (taken all at once, they would slow each other past their deadlines)."""
     for item in items:
         if item.path.name == "test_real_world_log.py":
             item.add_marker(pytest.mark.xdist_group("stetl-sdist"))
         if item.nodeid in SLOW:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
