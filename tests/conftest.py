@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,15 +58,22 @@ SLOW = {
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For the parallel run (pytest-xdist, `addopts` in pyproject.toml): the tests of
-    test_real_world_log.py share the sdist their module fixture downloads into pytest's
-    cache (on two workers at once, both would write the same file), so they run on one
-    worker (`--dist loadgroup`). Otherwise tests run in the order collected, which spreads
-    the long ones (taken all at once, they would slow each other past their deadlines)."""
-    for item in items:
-        if item.path.name == "test_real_world_log.py":
-            item.add_marker(pytest.mark.xdist_group("stetl-sdist"))
-        if item.nodeid in SLOW:
-            item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.timeout(300))  # the suite's own, in pyproject.toml
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.nodeid in SLOW:
+        item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.timeout(300))  # the suite's own, in pyproject.toml
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_stetl_download_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The tests of test_real_world_log.py share the sdist their module fixture downloads
+    into pytest's cache; on two pytest-xdist workers at once, both would write (and check)
+    the same file. The module holds a lock on the cache directory while it runs there (an
+    autouse fixture of module scope is set up before the module's own fixtures)."""
+    if request.module.__name__ != "tests.test_real_world_log":
+        yield
+        return
+    lock = Path(request.config.cache.mkdir("stetl-2.1-sdist")) / ".lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
