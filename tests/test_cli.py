@@ -262,19 +262,32 @@ def test_example_pipeline_round_trip(tmp_path: Path) -> None:
 
 def test_consume_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
     """`pipeline consume ... | head -1`: the reader leaves early; no traceback, exit 141."""
+    import fcntl
     import subprocess
 
     from tests.conftest import pipeline_exe
 
-    env = {**os.environ, "PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
-    spec = REPO / "pipelines" / "jsonl-roundtrip.yaml"
-    assert run_cli("run", spec, "--once", env=env).returncode == 0
-    proc = subprocess.Popen(
-        [pipeline_exe(), "consume", "orders", "--from-beginning", "--spec", str(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )
-    assert json.loads(proc.stdout.readline())
-    proc.stdout.close()  # like `head -1` exiting
+    # The reader must leave while consume still has output to write: output that fits in
+    # the pipe can all be written before the reader closes its end, and consume then rightly
+    # exits 0 (as `cat small | head -1` does). So the topic holds several times what the
+    # pipe takes: consume blocks on the full pipe until the reader is gone.
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    name = "x" * 200
+    count = 4 * capacity // len(json.dumps({"id": 0, "name": name})) + 1
+    spec = _simple_spec(tmp_path)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "name": name}) + "\n" for i in range(count)))
+    assert run_cli("run", spec, "--once").returncode == 0
+    try:
+        proc = subprocess.Popen(
+            [pipeline_exe(), "consume", "things", "--from-beginning", "--spec", str(spec)],
+            stdout=write_end, stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert json.loads(reader.readline())["name"] == name
+    # like `head -1` exiting
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read() == b""
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 import ua_parser
 
 from tests.conftest import read_jsonl_dir, run_cli
@@ -30,8 +31,10 @@ def install(plugin: str, target: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(target)}
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_sequence_plugin_runs_and_resumes(tmp_path: Path) -> None:
     env = install("pipeline-sequence", tmp_path / "site")
+    run_plugin_tests("pipeline-sequence", env)
     env |= {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
     plugins = {p["name"]: p for p in json.loads(run_cli("plugins", "--json", env=env).stdout)}
     assert plugins["sequence"]["distribution"] == "pipeline-sequence"
@@ -46,6 +49,18 @@ def test_sequence_plugin_runs_and_resumes(tmp_path: Path) -> None:
     assert sorted(r["n"] for r in records) == list(range(5000))
 
 
+# Each example plugin, installed and run by a test below that also runs its own tests.
+PLUGINS = {"pipeline-sequence", "pipeline-useragent", "pipeline-sqlite"}
+
+
+def test_every_example_plugin_has_tests_and_is_tested_here() -> None:
+    found = {p.name for p in (REPO / "plugins").iterdir() if (p / "pyproject.toml").is_file()}
+    assert found == PLUGINS, "a plugin in plugins/ is missing from this module's tests (or gone)"
+    for plugin in sorted(found):
+        assert list((REPO / "plugins" / plugin / "tests").glob("test_*.py")), f"{plugin} has no tests/test_*.py"
+        assert "testpaths" in (REPO / "plugins" / plugin / "pyproject.toml").read_text(), f"{plugin}: no pytest settings of its own"
+
+
 def run_plugin_tests(plugin: str, env: dict[str, str]) -> None:
     """The plugin's own tests (conformance and unit tests), against the installed package."""
     result = subprocess.run(
@@ -55,6 +70,7 @@ def run_plugin_tests(plugin: str, env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_useragent_plugin_enriches_the_access_logs(tmp_path: Path) -> None:
     env = install("pipeline-useragent", tmp_path / "site")  # --no-deps: ua-parser comes from the test extra
     run_plugin_tests("pipeline-useragent", env)
@@ -114,6 +130,7 @@ def last_updates(path: Path) -> dict[int, dict]:
     return last
 
 
+@pytest.mark.slow  # installs the package, runs its own test session and the pipeline
 def test_sqlite_plugin_upserts_order_updates(tmp_path: Path) -> None:
     env = install("pipeline-sqlite", tmp_path / "site")
     run_plugin_tests("pipeline-sqlite", env)

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from tests.conftest import pipeline_exe, run_cli
 from tests.kafka_broker import CONSUMER, Tansu
@@ -27,6 +28,7 @@ def broker(kafka: Tansu) -> str:
     return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
 
 
+@pytest.mark.slow
 def test_two_processes_share_partitions_and_one_takes_over_after_kill_9(tmp_path: Path, kafka: Tansu) -> None:
     count = 120_000
     subprocess.run(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import defaultdict
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import pipeline_exe, read_jsonl_dir
-from tests.kafka_broker import CONSUMER, free_port, tansu_binary
+from tests.kafka_broker import CONSUMER, Tansu
 from tests.tcp_proxy import TcpProxy
 
 PARTITIONS = 3
@@ -42,38 +41,15 @@ SCHEMA = {
 @pytest.fixture
 def proxied_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpProxy]:
     """Tansu listening on a free port and advertising the proxy in front of it."""
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    port = free_port()
-    proxy = TcpProxy("127.0.0.1", port)
+    proxy = TcpProxy("127.0.0.1", 0)  # its target: Tansu's port, once Tansu has one
     try:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [str(tansu_binary()), "broker",
-                 "--listener-url", f"tcp://127.0.0.1:{port}",
-                 "--advertised-listener-url", f"tcp://{proxy.address}",
-                 "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
+        broker = Tansu(tmp_path_factory.mktemp("tansu") / "tansu.log", advertise=lambda port: f"tcp://{proxy.address}")
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"Tansu exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"Tansu did not listen on port {port} within 20 s:\n{log.read_text()[-2000:]}")
-                    time.sleep(0.05)
+            broker.wait_ready()
+            proxy.target = ("127.0.0.1", broker.port)
             yield proxy
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            broker.stop()
     finally:
         proxy.close()
 
@@ -230,6 +206,7 @@ def test_a_broker_away_for_less_than_the_session_timeout_loses_and_duplicates_no
     run_through_an_outage(tmp_path, proxied_kafka, cut_seconds=3)
 
 
+@pytest.mark.slow
 def test_a_broker_away_for_longer_than_the_session_timeout_loses_and_duplicates_nothing(
     tmp_path: Path, proxied_kafka: TcpProxy
 ) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as TP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -101,6 +102,32 @@ async def listed_ends(bootstrap: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
+def ahead_of_commits(ends: dict[int, int], done: dict[int, int]) -> bool:
+    """The mirror has committed some 1000 records, and B holds records beyond the commits
+    (`ends` are lower bounds of B's ends, so B is truly ahead)."""
+    return sum(done.values()) >= 1000 and any(ends[p] > done[p] for p in ends)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP the process and wait until each of its threads is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+
+    def stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                pass
+        return all(state in "tT" for state in states)
+
+    while not stopped():
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
 def test_mirror_copies_a_keyed_topic_exactly_once_through_a_kill_9(tmp_path: Path, kafka: Tansu) -> None:
     target = Tansu(tmp_path / "tansu-b.log")
     try:
@@ -135,17 +162,24 @@ async def scenario(tmp_path: Path, a: Tansu, b: Tansu) -> None:
         # Records keep arriving while the mirror copies them. Once it has committed some,
         # kill it at a moment when B holds records the consumer group has not committed
         # yet: the restart must not copy those again (it resumes from B, not from the
-        # group's offsets).
+        # group's offsets). The mirror copies faster than records arrive, so "now" is
+        # decided on a frozen process: stopped (SIGSTOP), its state is the state at the
+        # kill; if B is ahead of the commits, records arrive that it has not read, and it
+        # is killed where it stands; if not, it goes on.
         deadline = time.monotonic() + 40
         while True:
             assert first.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the mirror never got ahead of its commits:\n" + log_path.read_text()[-3000:]
             await produce(a.bootstrap, produced, 20)
             produced += 20
-            ends, done = await listed_ends(b.bootstrap, TARGET), await committed(a.bootstrap)
-            if sum(done.values()) >= 1000 and any(ends[p] > done[p] for p in ends):
-                os.kill(first.pid, signal.SIGKILL)
-                break
+            if ahead_of_commits(await listed_ends(b.bootstrap, TARGET), await committed(a.bootstrap)):
+                freeze(first.pid)
+                if ahead_of_commits(await listed_ends(b.bootstrap, TARGET), await committed(a.bootstrap)):
+                    await produce(a.bootstrap, produced, 20)  # left to copy: the kill lands mid-copy
+                    produced += 20
+                    os.kill(first.pid, signal.SIGKILL)
+                    break
+                os.kill(first.pid, signal.SIGCONT)
             await asyncio.sleep(0.05)
         assert first.wait(10) == -signal.SIGKILL
     finally:
@@ -155,7 +189,7 @@ async def scenario(tmp_path: Path, a: Tansu, b: Tansu) -> None:
 
     at_kill_b = {p: len(rs) for p, rs in (await read_all(b.bootstrap, TARGET)).items()}
     at_kill_committed = await committed(a.bootstrap)
-    assert 0 < sum(at_kill_b.values()) < produced, "the kill should land mid-copy"
+    assert 0 < sum(at_kill_b.values()) < produced, f"the kill should land mid-copy: B held {at_kill_b} of {produced}, committed {at_kill_committed}"
     ahead = {p for p in at_kill_b if at_kill_b[p] > at_kill_committed[p]}
     assert ahead, f"B ({at_kill_b}) was not ahead of the group's commits ({at_kill_committed}) at the kill"
 

@@ -29,6 +29,7 @@ def lines_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+@pytest.mark.slow  # installs each package, runs its own test session and its example
 @pytest.mark.parametrize("kind", list(PLUGINS))
 def test_new_plugin_installs_tests_registers_and_runs(kind: str, tmp_path: Path) -> None:
     dist, name = PLUGINS[kind]
