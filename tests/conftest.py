@@ -54,7 +54,6 @@ def cli():
 # which this 300,000-record run can pass sharing two cores with three other workers).
 SLOW = {
     "tests/connectors/test_parquet.py::test_kill_9_at_random_moments_then_restart_holds_each_record_exactly_once",
-    "tests/test_schedule.py::test_kill_9_during_a_scheduled_run_is_recorded_interrupted_and_the_next_run_delivers_the_rest",
 }
 
 

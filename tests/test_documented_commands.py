@@ -32,6 +32,8 @@ ELSEWHERE = {
     "pipeline new-plugin my-source --source": "tests/test_new_plugin.py",
     'pip install -e "./my-source[test]" && (cd my-source && python -m pytest -q)': "tests/test_new_plugin.py",
     "pipeline run my-source/example.yaml --once": "tests/test_new_plugin.py",
+    '(for p in plugins/*/; do python -m pip install -e "$p[test]" && (cd "$p" && python -m pytest -q) || exit 1; done)':
+        "tests/test_example_plugins.py",
 }
 # Spec-less commands an inline span may show whole.
 NO_SPEC = ("pipeline connectors list", "pipeline transforms list", "pipeline plugins")

@@ -316,6 +316,7 @@ sources:
     assert unknown.returncode == 2 and "hourly, plain" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_scheduled_run_is_recorded_interrupted_and_the_next_run_delivers_the_rest(tmp_path: Path) -> None:
     count = 400_000
     (tmp_path / "input").mkdir()
