@@ -150,6 +150,7 @@ import os
 from typing import Any, Literal
 
 from connectors.parquet import files
+from connectors.parquet.compact import Limits, compact
 from connectors.parquet.files import file_name
 from connectors.parquet.layout import (
     NULL_PARTITION,
@@ -272,3 +273,18 @@ class ParquetSink(Sink):
             row_group_size=c.row_group_size,
             schemas=dict(self.context.schemas),
         )
+
+    def compact(self, *, dry_run: bool = False) -> list[str]:
+        """Merge runs of consecutive small files of each topic-partition and directory into
+        one (see "Compaction" in the module doc); one line per merge."""
+        c = self.config
+        limits = Limits(
+            rotate_records=c.rotate_records,
+            rotate_bytes=c.rotate_bytes,
+            buffer_bytes=c.buffer_bytes,
+            row_group_size=c.row_group_size,
+            compression=None if c.compression == "none" else c.compression,
+            partition_by=c.partition_by or None,
+            rotate_interval=parse_interval(c.rotate_interval) if c.rotate_interval else None,
+        )
+        return compact(self.context.resolve(c.path), list(self.context.topics), limits, dry_run=dry_run)
