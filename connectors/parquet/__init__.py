@@ -150,7 +150,7 @@ import os
 from typing import Any, Literal
 
 from connectors.parquet import files
-from connectors.parquet.compact import Limits, compact
+from connectors.parquet import compact as compaction
 from connectors.parquet.files import file_name
 from connectors.parquet.layout import (
     NULL_PARTITION,
@@ -278,7 +278,7 @@ class ParquetSink(Sink):
         """Merge runs of consecutive small files of each topic-partition and directory into
         one (see "Compaction" in the module doc); one line per merge."""
         c = self.config
-        limits = Limits(
+        limits = compaction.Limits(
             rotate_records=c.rotate_records,
             rotate_bytes=c.rotate_bytes,
             buffer_bytes=c.buffer_bytes,
@@ -287,4 +287,4 @@ class ParquetSink(Sink):
             partition_by=c.partition_by or None,
             rotate_interval=parse_interval(c.rotate_interval) if c.rotate_interval else None,
         )
-        return compact(self.context.resolve(c.path), list(self.context.topics), limits, dry_run=dry_run)
+        return compaction.compact(self.context.resolve(c.path), list(self.context.topics), limits, dry_run=dry_run)

@@ -290,10 +290,10 @@ class ParquetSinkTask(SinkTask):
 
     def _commit_widest(self, tp: TopicPartition) -> bool:
         """Write out the open group with the most files (too many open); True if it was `tp`'s."""
-        widest, part = max(
-            ((t, p) for t, p in self.parts.items() if p.group is not None),
-            key=lambda item: len(item[1].group.pieces),
-        )
+        open_groups = [(t, p) for t, p in self.parts.items() if p.group is not None and p.group.pieces]
+        if not open_groups:
+            return False
+        widest, part = max(open_groups, key=lambda item: len(item[1].group.pieces))
         self._commit(widest, part)
         return widest == tp
 
@@ -335,6 +335,9 @@ class ParquetSinkTask(SinkTask):
     def _commit(self, tp: TopicPartition, part: _Part) -> None:
         """Make the open group of `tp` durable under its final names (see the package doc)."""
         group = part.group
+        if not group.pieces:  # nothing written yet
+            part.group = None
+            return
         group.committing = True
         n = len(group.pieces)
         staged: list[tuple[Path, Path, Path]] = []
