@@ -127,7 +127,29 @@ def _tidy(root: Path, tp: TopicPartition, found: files.Found, dry_run: bool) -> 
     """Finish what an interrupted compaction left: the groups it had merged but not yet
     deleted (the sink's open does the same). Takes them out of `found`."""
     lines = []
-    for merged, covered in files.leftovers(tp, found.finals, found.complete(), root).items():
+    # A merge cut during its renames (its files say they are a merge: never a group a
+    # running sink is renaming right now) is completed first, as open would.
+    complete = found.complete()
+    touched: set[Path] = set()
+    for group, present in list(found.finals.items()):
+        if group in complete or not files.compacted_from(next(iter(present.values()))):
+            continue
+        missing = set(range(1, group[2] + 1)) - set(present)
+        if missing <= set(found.temps.get(group, {})) and (dry_run or files.roll_forward(found, group, touched)):
+            complete.add(group)
+            name = files.file_name(tp, group[0], group[1], 1, group[2]).replace("+1of", "+<k>of")
+            lines.append(f"{'would complete' if dry_run else 'completed'} the interrupted merge into {name} of {tp}")
+    # Temps of a merge cut before its renames lie over complete groups (a running sink's
+    # temps never do: they come after all of them): garbage, as open would find.
+    for group in [g for g in found.temps if g not in found.finals]:
+        if any(c[0] <= group[1] and group[0] <= c[1] for c in complete):
+            for path in found.temps.pop(group).values():
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+                    touched.add(path.parent)
+    for d in touched:
+        files.fsync_dir(d)
+    for merged, covered in files.leftovers(tp, found.finals, complete, root).items():
         paths = [p for g in covered for p in found.finals.pop(g).values()]
         found.temps = {g: t for g, t in found.temps.items() if g not in covered}
         where = _where(sorted({p.parent.relative_to(root).as_posix() for p in paths}))

@@ -155,6 +155,23 @@ def leftovers(
     return found
 
 
+def roll_forward(found: Found, group: Group, touched: set[Path]) -> bool:
+    """Complete a group cut during its renames, when every missing file is still there as
+    a temp (all of them were durable before the first rename); False if it cannot be."""
+    files = found.finals[group]
+    missing = set(range(1, group[2] + 1)) - set(files)
+    temps = found.temps.get(group, {})
+    if not missing <= set(temps):
+        return False
+    for k in sorted(missing):
+        tmp = temps.pop(k)
+        final = tmp.with_name(TEMP.match(tmp.name).group("final"))
+        os.replace(tmp, final)
+        files[k] = final
+        touched.add(tmp.parent)
+    return True
+
+
 def recover(root: Path, tp: TopicPartition, found: Found) -> int:
     """Repair the output of `tp` after a crash (see the package doc); its resume offset.
     The caller holds the topic's lock."""
@@ -164,17 +181,7 @@ def recover(root: Path, tp: TopicPartition, found: Found) -> int:
     for group, files in found.finals.items():
         if len(files) == group[2]:
             complete.add(group)
-            continue
-        missing = set(range(1, group[2] + 1)) - set(files)
-        temps = found.temps.get(group, {})
-        if missing <= set(temps):
-            # Cut during the renames: every temp of the group was already durable.
-            for k in sorted(missing):
-                tmp = temps.pop(k)
-                final = tmp.with_name(TEMP.match(tmp.name).group("final"))
-                os.replace(tmp, final)
-                files[k] = final
-                touched.add(tmp.parent)
+        elif roll_forward(found, group, touched):
             complete.add(group)
             log.info("parquet sink: %s: completed the interrupted group %d..%d", tp, group[0], group[1])
         else:

@@ -149,9 +149,13 @@ MERGE_CRASHES = [
 ]
 
 
-@pytest.mark.parametrize("what,call,after", MERGE_CRASHES)
+@pytest.mark.parametrize(
+    "what,call,after,then",
+    [(*point, "open") for point in MERGE_CRASHES]
+    + [(*point, "compact") for point in MERGE_CRASHES if point[0] in ("write", "replace", "unlink") and point[2]],
+)
 def test_a_crash_anywhere_in_a_merge_then_open_holds_every_record_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, call: int, after: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, call: int, after: bool, then: str
 ) -> None:
     small_files(tmp_path, {0: rows(0, 1500)})
     assert len(parquet_files(tmp_path)) == 30
@@ -174,6 +178,10 @@ def test_a_crash_anywhere_in_a_merge_then_open_holds_every_record_once(
     for f in parquet_files(tmp_path):
         pq.read_metadata(f)
 
+    if then == "compact":  # compaction again, before any open: it finishes the merge
+        again = sink(tmp_path, rotate_records=100_000).compact()
+        assert per_partition(tmp_path) == {0: list(range(1500))}
+        assert len(parquet_files(tmp_path)) == 3 and not temps(tmp_path), again
     # The next open repairs: every record once, in order, and resumes after all of them.
     assert resume(tmp_path, [TP0]) == {TP0: 1500}
     assert per_partition(tmp_path) == {0: list(range(1500))}
