@@ -50,7 +50,8 @@ On `open`, for each assigned tp the sink takes the topic's lock (below) and scan
 - temps of a group with no final file were cut inside phase 1, and files of a group that
   was open: deleted (their records come again from the resume position); any other
   leftover temp is deleted too;
-- files left by a compaction cut between its rename and its deletions (below) are deleted;
+- groups that a compaction cut between its renames and its deletions had merged (below)
+  are deleted;
 - resume = max `last` + 1 over complete groups (0 if none); `open` returns it and the engine
   seeks there.
 
@@ -110,7 +111,8 @@ their rows.
 - If a write fails part-way the task writes nothing more (close discards); the next `open`
   repairs the output as after a crash.
 
-All file I/O runs in a worker thread (`asyncio.to_thread`) under one lock.
+All file I/O runs in the task's own worker thread (one, so that Arrow's allocator, which
+keeps a heap per thread, reuses what the writes free) under one lock.
 
 Compaction (`pipeline compact`)
 -------------------------------

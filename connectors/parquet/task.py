@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,6 +137,7 @@ class ParquetSinkTask(SinkTask):
         self.open_pieces = 0
         self.written: dict[str, list[int]] = {}  # topic -> [Parquet bytes, Arrow bytes] written
         self.seq = itertools.count()
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -145,7 +148,7 @@ class ParquetSinkTask(SinkTask):
                 names = [f.get("name") for f in schema["fields"]]
                 if self.partition_by not in names:
                     raise self._no_time_field(topic, names)
-        return await asyncio.to_thread(self._open, list(partitions))
+        return await self._io(self._open, list(partitions))
 
     async def put(self, batch: Batch) -> None:
         self.last_call = "put"
@@ -165,23 +168,35 @@ class ParquetSinkTask(SinkTask):
                 return None
             columns, offsets = columns.slice(skip), offsets[skip:]
         self._check_schema(tp.topic, columns.schema)
-        await asyncio.to_thread(self._put, tp, columns, offsets)
+        await self._io(self._put, tp, columns, offsets)
         return None
 
     async def flush(self) -> dict[TopicPartition, int]:
         self.last_call = "put"  # until this flush has succeeded
         if self.broken is not None:
             raise FatalError(f"parquet sink: an earlier write failed: {self.broken}")
-        await asyncio.to_thread(self._write_old)
+        await self._io(self._write_old)
         self.last_call = "flush"
         return {tp: part.durable for tp, part in self.parts.items()}
 
     async def close(self) -> dict[TopicPartition, int] | None:
         write = self.last_call in ("flush", None) and self.broken is None
         durable = {tp: part.durable for tp, part in self.parts.items()}
-        await asyncio.to_thread(self._close, write)
+        try:
+            await self._io(self._close, write)
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=False)
+                self.executor = None
         written = {tp: part.durable for tp, part in self.parts.items()}
         return written if write and written != durable else None
+
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        """Run file work in the task's own thread (one thread: Arrow's allocator keeps
+        per-thread heaps, so memory freed by the writes is reused by the next ones)."""
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="parquet-sink")
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- open: repair and resume ----------------------------------------------------------------
 
