@@ -123,13 +123,16 @@ and directory. `ParquetSink.compact` merges, per tp, runs of consecutive complet
 named by the run's first and last offsets (`...+<k>of<n>.parquet` when the run spans n
 directories, e.g. groups written across an hour boundary). Each merged file holds its
 directory's rows of the run in offset order, and its footer names the groups merged
-(`pipeline.compacted`). A run is chosen so that every one of its files merges with another
-file of the run in its directory (so nothing is rewritten for nothing: a file alone in its
-hour stays as it is), each merged file stays within `rotate_records` and `rotate_bytes` (the
-inputs' sizes on disk), and all its files have one Arrow schema (a schema change ends a
-run). A group being written or incomplete also ends a run. So after a `--once` run there is
-nothing to merge, and after a stream, each directory ends with one file per partition
-(plus one more where a merged group was cut off by a later compaction).
+(`pipeline.compacted`). Runs are chosen so that each merged file stays within
+`rotate_records` and `rotate_bytes` (the inputs' sizes on disk) and holds one Arrow schema
+(a schema change ends a run), and so that no file is rewritten for nothing: every file of
+a run merges with another file of the run in its directory, except that a group at either
+end of the run may bring one file that merges with nothing (the far side of a write that
+spanned an hour boundary, copied once into the merged group) if it is not itself a merge.
+A group being written or incomplete also ends a run. So a `--once` run leaves nothing to
+merge; a stream's files merge into one file per partition and hour, plus one more in an
+hour that a later compaction found still growing (the earlier merged file is not
+rewritten to take the new one in).
 
 A merge is committed like a group (temps, fsync, directories fsynced, renames, directories
 fsynced) and only then are the merged groups' files deleted (and their directories fsynced).

@@ -60,6 +60,7 @@ class _Group:
     key: files.Group
     files: list[_File]
     read: bool = False
+    compacted: bool = False  # a merge already
 
     @property
     def first(self) -> int:
@@ -165,12 +166,13 @@ def _tidy(root: Path, tp: TopicPartition, found: files.Found, dry_run: bool) -> 
 
 
 def _plan(found: files.Found, limits: Limits) -> list[list[_Group]]:
-    """The merges to make, each a run of consecutive complete groups (no other group of
-    the partition between them) whose files, in every directory (and rotate_interval
-    window) they are in, merge with at least one other file of the run, into no more than
-    rotate_records and rotate_bytes per directory, all of one schema. A group being
-    written or incomplete ends a run; a group with a file that would merge with nothing
-    (another hour) is left as it is, so no file is rewritten for nothing."""
+    """The merges to make: runs of consecutive complete groups (no other group of the
+    partition between them), each merged file within rotate_records and rotate_bytes, of
+    one schema. A group being written or incomplete ends a run. Every file of a run
+    merges with another file of the run in its directory (and window), except that a
+    group at either end of the run may bring one file that merges with nothing (the
+    part of a write that spanned an hour boundary, copied once into the merged group),
+    if it is not itself a merge: so a merged file is only rewritten when it grows."""
     complete = found.complete()
     sequences: list[list[_Group]] = [[]]
     for g in sorted(set(found.finals) | set(found.temps)):
@@ -181,16 +183,14 @@ def _plan(found: files.Found, limits: Limits) -> list[list[_Group]]:
             sequences.append([])
     merges: list[list[_Group]] = []
     todo = [seq for seq in sequences if len(seq) >= 2]
-    while todo:
-        seq = todo.pop()
-        lone = _lone(seq)
-        if lone:
-            todo += [part for part in _cut(seq, lone) if len(part) >= 2]
-            continue
+    for seq in todo:
         for g in seq:
             _read_footers(g, limits)
-        if _lone(seq):  # windows known now
-            todo += [part for part in _cut(seq, _lone(seq)) if len(part) >= 2]
+    while todo:
+        seq = todo.pop()
+        out = _offending(seq)
+        if out:
+            todo += [part for part in _cut(seq, out) if len(part) >= 2]
             continue
         parts = _fit(seq, limits)
         if len(parts) > 1:
@@ -200,19 +200,28 @@ def _plan(found: files.Found, limits: Limits) -> list[list[_Group]]:
     return sorted(merges, key=lambda run: run[0].first)
 
 
-def _lone(seq: list[_Group]) -> set[int]:
-    """Indexes of the groups with a file that merges with no other file of `seq`, or
-    with two files of one key (they could not be merged in offset order)."""
+def _offending(seq: list[_Group]) -> set[int]:
+    """Indexes of the groups of `seq` that may not be merged in it: with a file that
+    merges with no other file of `seq`, unless allowed (see _plan), with two files of one
+    key (they could not be merged in offset order), or a file spanning windows."""
     count: dict[object, int] = {}
     for g in seq:
         for f in g.files:
             count[f.key] = count.get(f.key, 0) + 1
-    return {
-        i
-        for i, g in enumerate(seq)
-        if any(count[f.key] == 1 or f.window is _UNMERGEABLE for f in g.files)
-        or len({f.key for f in g.files}) < len(g.files)
-    }
+    anywhere, inside = set(), set()
+    for i, g in enumerate(seq):
+        keys = [f.key for f in g.files]
+        lone = sum(1 for k in keys if count[k] == 1)
+        if (
+            len(set(keys)) < len(keys)
+            or any(f.window is _UNMERGEABLE for f in g.files)
+            or (lone and (lone > 1 or lone == len(keys) or g.compacted))
+        ):
+            anywhere.add(i)
+        elif lone and 0 < i < len(seq) - 1:
+            inside.add(i)
+    # Those that may not be merged wherever they stand go first: the rest may end a run then.
+    return anywhere or inside
 
 
 def _cut(seq: list[_Group], out: set[int]) -> list[list[_Group]]:
@@ -264,6 +273,7 @@ def _read_footers(g: _Group, limits: Limits) -> None:
         f.schema = _plain(meta.schema.to_arrow_schema())
         if limits.rotate_interval and limits.partition_by:
             f.window = _window(meta, limits.partition_by, limits.rotate_interval)
+        g.compacted = g.compacted or files.META_COMPACTED.encode() in (meta.metadata or {})
     g.read = True
 
 

@@ -336,3 +336,34 @@ def test_input_scattered_over_many_directories_keeps_few_files_open(tmp_path: Pa
     assert resume(tmp_path, [TP0, TP1]) == {TP0: 200, TP1: 200}
     got = per_partition(tmp_path)
     assert sorted(got[0]) == sorted(got[1]) == list(range(200))
+
+
+def test_writes_that_each_span_an_hour_boundary_merge_into_a_file_per_hour(tmp_path: Path) -> None:
+    # 360 rows an hour, groups of 450: every group spans two hours, each hour is shared by
+    # two groups (a stream whose files were cut mid-hour by max_open_seconds).
+    small_files(tmp_path, {0: rows(0, 1800, seconds=10)}, rotate_records=450)
+    assert len(parquet_files(tmp_path)) == 8
+    lines = sink(tmp_path, rotate_records=100_000).compact()
+    assert lines == [
+        "merged 8 files of hits[0] in 5 directories dt=2024-05-01/hour=12 .. dt=2024-05-01/hour=16 "
+        f"into 5 files {pfiles.file_name(TP0, 0, 1799, 1, 5).replace('+1of', '+<k>of')} (1,800 rows)"
+    ]
+    assert sorted(f.parent.name for f in parquet_files(tmp_path)) == [f"hour={h}" for h in range(12, 17)]
+    assert per_partition(tmp_path) == {0: list(range(1800))}
+
+    # More of the stream: merged again, without rewriting the files merged before.
+    merged = {f: f.stat().st_ino for f in parquet_files(tmp_path)}
+    task = sink(tmp_path, rotate_records=450, max_open_seconds=3600).task()
+
+    async def more() -> None:
+        assert await task.open([TP0]) == {TP0: 1800}
+        for i in range(1800, 2520, 40):
+            await task.put(batch(rows(i, min(i + 40, 2520), seconds=10), 0))
+        await task.flush()
+        await task.close()
+
+    asyncio.run(more())
+    assert len(sink(tmp_path, rotate_records=100_000).compact()) == 1
+    assert all(f.exists() and f.stat().st_ino == ino for f, ino in merged.items())
+    assert sorted(f.parent.name for f in parquet_files(tmp_path)) == [f"hour={h}" for h in range(12, 19)]
+    assert per_partition(tmp_path) == {0: list(range(2520))}
