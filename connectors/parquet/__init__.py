@@ -131,8 +131,9 @@ end of the run may bring one file that merges with nothing (the far side of a wr
 spanned an hour boundary, copied once into the merged group) if it is not itself a merge.
 A group being written or incomplete also ends a run. So a `--once` run leaves nothing to
 merge; a stream's files merge into one file per partition and hour, plus one more in an
-hour that a later compaction found still growing (the earlier merged file is not
-rewritten to take the new one in).
+hour that an earlier compaction found still growing when its merged group also spans other
+hours (such a group is not rewritten only to take the new files in; a merged file alone in
+its hour is, as it grows).
 
 A merge is committed like a group (temps, fsync, directories fsynced, renames, directories
 fsynced) and only then are the merged groups' files deleted (and their directories fsynced).
@@ -181,7 +182,7 @@ __all__ = [
 
 class ParquetSink(Sink):
     name = "parquet"
-    description = "Writes topics to Hive-partitioned Parquet files, exactly once."
+    description = "Writes topics to Hive-partitioned Parquet files, exactly once, few and large; `pipeline compact` merges small ones."
     wants = "columns"
 
     class Config(Config):
