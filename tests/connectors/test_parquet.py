@@ -181,7 +181,7 @@ def test_hive_directories_file_names_and_content_read_back_with_duckdb(tmp_path:
         got = t.column("id").to_pylist()
         assert got == sorted(got)
         assert {hour_dir(r["timestamp"]) for r in rows if r["id"] in set(got)} == {str(f.parent.relative_to(out))}
-        assert t.schema.metadata[b"pipeline.offsets"] == b"0-999"
+        assert pq.read_metadata(f).metadata[b"pipeline.offsets"] == b"0-999"  # the footer's
 
     back = read(out)
     assert len(back) == len(rows)
@@ -286,21 +286,25 @@ def test_rotation_by_records_happens_in_put_and_flush_reports_durable_offsets(tm
     assert ids(tmp_path / "out") == list(range(350))
 
 
-def test_rotation_by_bytes_bounds_each_file(tmp_path: Path) -> None:
-    rows = records(0, 5000, step=dt.timedelta(milliseconds=1))
-    per_row = batch(rows).columns.nbytes / len(rows)
+def test_rotation_by_bytes_bounds_each_file_on_disk(tmp_path: Path) -> None:
+    # rotate_bytes is the size of the Parquet files, not of the Arrow memory behind them
+    # (here about 6 times larger).
+    rows = records(0, 30_000, step=dt.timedelta(milliseconds=1))
     limit = 64 * 1024
     task = make_task(tmp_path, rotate_bytes=limit, max_open_seconds=0)
     run(write_all(task, [TP0], batches(rows, 500)))
     files = parquet_files(tmp_path / "out")
-    assert len(files) >= 5000 * per_row // limit
-    for f in files:
-        n = pq.ParquetFile(f).metadata.num_rows
-        assert n * per_row <= limit * 1.05
-    assert ids(tmp_path / "out") == list(range(5000))
+    sizes = [f.stat().st_size for f in files]
+    assert batch(rows).columns.nbytes > 4 * sum(sizes)
+    assert len(files) == -(-sum(sizes) // limit)  # as few as the limit allows
+    for f, size in zip(files, sizes):
+        footer = pq.read_metadata(f).serialized_size
+        assert size - footer <= limit * 1.1, f"{f.name}: {size} bytes"
+    assert all(size >= limit * 0.9 for size in sizes[:-1])
+    assert ids(tmp_path / "out") == list(range(30_000))
 
 
-def test_buffer_bytes_bounds_the_buffers_of_all_partitions_together(tmp_path: Path) -> None:
+def test_buffer_bytes_bounds_memory_with_row_groups_not_files(tmp_path: Path) -> None:
     rows = records(0, 4000, step=dt.timedelta(milliseconds=1))
     per_row = batch(rows).columns.nbytes / len(rows)
     limit = 64 * 1024  # about 1,000 rows over four partitions; each alone stays under rotate_*
@@ -314,15 +318,18 @@ def test_buffer_bytes_bounds_the_buffers_of_all_partitions_together(tmp_path: Pa
         for start in range(0, 1000, 50):
             for p, part_rows in by_part.items():
                 await task.put(batch(part_rows[start : start + 50], p, first=start))
-                buffered = sum(part.rows for part in task.parts.values())
-                assert buffered * per_row <= limit + 50 * per_row * 1.05
-        await task.flush()
+                assert task.pending_bytes <= limit, "Arrow memory held back stays under buffer_bytes"
+        assert await task.flush() == {tp: 0 for tp in tps}, "nothing was cut short"
         await task.close()
 
     run(main())
     files = parquet_files(tmp_path / "out")
-    assert {int(NAME.match(f.name).group(1)) for f in files} == {0, 1, 2, 3}
-    assert len(files) > 4  # written before the end, not only at close
+    # One file per partition (one hour, rotation not reached), in several row groups.
+    assert sorted(int(NAME.match(f.name).group(1)) for f in files) == [0, 1, 2, 3]
+    for f in files:
+        meta = pq.read_metadata(f)
+        assert meta.num_rows == 1000 and meta.num_row_groups > 1
+        assert all(meta.row_group(i).num_rows * per_row <= limit * 1.05 for i in range(meta.num_row_groups))
     assert ids(tmp_path / "out") == list(range(4000))
 
 
@@ -447,8 +454,9 @@ def crash_on_call(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call:
     def fake(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == call and not after:
-            if name == "_write_file":  # cut half-way through the temp file
-                Path(args[1]).write_bytes(b"PAR1 and half a row group")
+            if name == "_write_rows":  # cut half-way through writing a file
+                args[2].tmp.parent.mkdir(parents=True, exist_ok=True)
+                args[2].tmp.write_bytes(b"PAR1 and half a row group")
             raise Crash(name)
         result = real(*args, **kwargs)
         if calls["n"] == call:
@@ -458,16 +466,23 @@ def crash_on_call(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call:
     monkeypatch.setattr(target, name, fake)
 
 
-# (what fails, which call, before or after doing its work)
+# (what fails, which call, before or after doing its work). Committing the three-file group
+# below: each file's rows written (_write_rows) and fsynced (fsync_file); the three renamed
+# to their temp names (replace 1-3); their directories fsynced (fsync_dir, after the two
+# calls for the new directories hour=13 and hour=14); the three renamed to their final
+# names (replace 4-6); the directories fsynced again.
 CRASH_POINTS = [
-    ("write_file", 1, False),  # first temp half-written
-    ("write_file", 2, True),  # two temps written, the third not
-    ("write_file", 3, True),  # all temps written, not yet fsynced directories
-    ("fsync_dir", 2, False),  # temps durable, directories partly fsynced
+    ("write_rows", 1, False),  # first file half-written
+    ("write_rows", 2, True),  # two files written, the third not
+    ("fsync_file", 3, False),  # all written, the last not fsynced
     ("replace", 1, False),  # no rename yet
-    ("replace", 1, True),  # first file visible, others still temps
-    ("replace", 2, True),  # two of three visible
-    ("replace", 3, True),  # all renamed, directories not fsynced
+    ("replace", 2, True),  # two of three have their temp names
+    ("replace", 3, True),  # all temp names, directories not fsynced
+    ("fsync_dir", 3, True),  # temp names, directories partly fsynced
+    ("replace", 4, False),  # temps durable, nothing visible yet
+    ("replace", 4, True),  # first file visible, others still temps
+    ("replace", 5, True),  # two of three visible
+    ("replace", 6, True),  # all renamed, directories not fsynced
 ]
 
 
@@ -477,7 +492,7 @@ def test_crash_inside_a_multi_directory_group_then_reopen_is_exactly_once(
 ) -> None:
     # Group 1: offsets 0..99 in hour 12 only, written cleanly.
     # Group 2: offsets 100..399 spread over hours 12, 13 and 14, with late records interleaved:
-    # the crash hits while writing its three files.
+    # the crash hits while committing its three files.
     first = records(0, 100, step=dt.timedelta(seconds=1))
     second = [record(i, T0 + dt.timedelta(minutes=(i * 7) % 150)) for i in range(100, 400)]
     out = tmp_path / "out"
@@ -496,12 +511,12 @@ def test_crash_inside_a_multi_directory_group_then_reopen_is_exactly_once(
 
     run(first_group())
     with monkeypatch.context() as m:
-        if what == "write_file":
-            crash_on_call(m, task, "_write_file", call, after=after)
+        if what == "write_rows":
+            crash_on_call(m, task, "_write_rows", call, after=after)
+        elif what == "fsync_file":
+            crash_on_call(m, parquet_mod.files, "fsync_file", call, after=after)
         elif what == "fsync_dir":
-            # 2 calls for the new hour=13 and hour=14 directories, then one per directory
-            # holding a temp: the crash comes after one of those three.
-            crash_on_call(m, parquet_mod, "_fsync_dir", 2 + call, after=after)
+            crash_on_call(m, parquet_mod.files, "fsync_dir", 2 + call, after=after)
         else:
             crash_on_call(m, parquet_mod.os, "replace", call, after=after)
         with pytest.raises(Crash):
@@ -522,7 +537,7 @@ def test_crash_inside_a_multi_directory_group_then_reopen_is_exactly_once(
     present = ids(out)
     assert len(present) == len(set(present))
     assert present == list(range(resume)), "the files hold exactly the offsets before resume"
-    renamed_any = what == "replace" and (after or call > 1)
+    renamed_any = what == "replace" and (call > 4 or (call == 4 and after))
     assert resume == (400 if renamed_any else 100)
 
     async def redeliver() -> None:
@@ -556,9 +571,9 @@ def test_a_write_error_stops_writing_and_the_next_open_repairs(tmp_path: Path, m
     real = parquet_mod.os.replace
     calls = {"n": 0}
 
-    def replace(*a: Any, **k: Any) -> Any:
+    def replace(*a: Any, **k: Any) -> Any:  # both files get their temp names, one its final name
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 4:
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
