@@ -49,20 +49,6 @@ def cli():
     return run_cli
 
 
-# Long kill -9 runs in modules that mark none of their tests (yet): slow like the others,
-# and bounded by the suite's timeout rather than their module's (test_parquet.py: 60 s,
-# which this 300,000-record run can pass sharing two cores with three other workers).
-SLOW = {
-    "tests/connectors/test_parquet.py::test_kill_9_at_random_moments_then_restart_holds_each_record_exactly_once",
-}
-
-
-def pytest_itemcollected(item: pytest.Item) -> None:
-    if item.nodeid in SLOW:
-        item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.timeout(300))  # the suite's own, in pyproject.toml
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_stetl_download_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     """The tests of test_real_world_log.py share the sdist their module fixture downloads
