@@ -30,7 +30,7 @@ def bundled_lines() -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("broker", ["embedded", "kafka"])
+@pytest.mark.parametrize("broker", ["embedded", pytest.param("kafka", marks=pytest.mark.slow)])
 def test_bundled_logs_land_in_parquet_once_and_malformed_lines_in_the_dlq(tmp_path: Path, broker: str, request) -> None:
     env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
     if broker == "kafka":  # the same spec on a real Kafka-protocol broker

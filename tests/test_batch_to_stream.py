@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import pipeline_exe, run_cli
 
@@ -56,6 +57,7 @@ def drop_parquet(landing: Path, name: str, ids: range) -> None:
     tmp.rename(landing / name)
 
 
+@pytest.mark.slow  # ticks for about 10 s by design
 def test_exports_dropped_between_ticks_land_once(tmp_path: Path) -> None:
     landing, done, out = tmp_path / "landing", tmp_path / "done", tmp_path / "out"
     landing.mkdir()

@@ -159,6 +159,7 @@ def test_every_command_takes_its_spec_the_same_way(tmp_path: Path) -> None:
     assert both.returncode == 2 and "two specs given" in both.stderr
 
 
+@pytest.mark.slow  # about 20 commands, each a process
 def test_json_of_every_command_is_one_document_on_stdout(tmp_path: Path) -> None:
     spec = activity_spec(tmp_path, ACTIVITY)
     assert run_cli("run", spec, "--once").returncode == 0

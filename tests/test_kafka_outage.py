@@ -200,6 +200,7 @@ def run_through_an_outage(tmp: Path, proxy: TcpProxy, cut_seconds: float) -> str
     return text
 
 
+@pytest.mark.slow
 def test_a_broker_away_for_less_than_the_session_timeout_loses_and_duplicates_nothing(
     tmp_path: Path, proxied_kafka: TcpProxy
 ) -> None:

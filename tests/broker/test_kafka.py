@@ -180,6 +180,7 @@ def test_end_offsets_count_records_of_multi_record_batches(kafka: Tansu) -> None
 # -- consumer groups ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a consumer-group rebalance
 @pytest.mark.timeout(60)
 def test_commit_shows_in_committed_and_groups_and_a_new_member_resumes_there(kafka: Tansu) -> None:
     async def main() -> None:
