@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
 import os
 import pathlib
@@ -21,7 +20,7 @@ import fastavro
 
 from runner.broker.base import Broker
 from runner.broker.embedded import EmbeddedBroker
-from runner.broker.kafka import KafkaBroker, KafkaOptions
+from runner.broker.kafka_options import KafkaOptions
 from runner.chain import Chain, build_chain
 from runner.config import Config, ConfigError
 from runner.connector import ConnectorContext
@@ -186,6 +185,8 @@ def load_for_inspection(path: str | os.PathLike) -> Spec:
 
 def open_broker(spec: Spec, *, read_only: bool = False) -> Broker:
     if spec.broker.kind == "kafka":
+        from runner.broker.kafka import KafkaBroker  # aiokafka only for a pipeline on Kafka
+
         return KafkaBroker(spec.broker.options, spec.name, read_only=read_only)
     return EmbeddedBroker(spec.state_dir, read_only=read_only)
 

@@ -5,7 +5,6 @@ user can act on."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import textwrap
