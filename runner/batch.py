@@ -111,6 +111,12 @@ class Batch:
         return self._rows
 
     @property
+    def columnar(self) -> bool:
+        """True when the batch was made of columns and no rows view was asked for: the
+        engine then keeps it columns (partitioning, Avro encoding) instead of building rows."""
+        return self._rows is None and self._columns is not None
+
+    @property
     def columns(self) -> pa.RecordBatch:
         """The records as a pyarrow RecordBatch (built from the rows on first use).
 

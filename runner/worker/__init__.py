@@ -1,0 +1,38 @@
+"""The worker: runs every source and sink task of a pipeline in one asyncio process.
+
+- `source`: SourceRunner — poll → encode (the schema check) → key/partition → produce
+  (+ source offsets, one transaction on the embedded broker) → `committed`.
+- `sink`: SinkRunner — fetch → decode → put → … → flush → commit consumer offsets.
+- `scheduled`: ScheduledRunner — a source task as a bounded job at each schedule tick.
+- `group`: SourceGroup — the source tasks, here or shared among processes (Kafka).
+- `common`: counters, topics, the error policy (dead letters), retries, error reports.
+
+Everything moves in batches: the engine makes no per-record hook call, queue hop or await.
+"""
+
+from runner.worker.common import (
+    Counters,
+    DeadLetters,
+    Topic,
+    errors_named,
+    first_error,
+    retrying,
+)
+from runner.worker.group import SourceGroup, SourceSlot
+from runner.worker.scheduled import ScheduledRunner
+from runner.worker.sink import SinkRunner
+from runner.worker.source import SourceRunner
+
+__all__ = [
+    "Counters",
+    "DeadLetters",
+    "ScheduledRunner",
+    "SinkRunner",
+    "SourceGroup",
+    "SourceRunner",
+    "SourceSlot",
+    "Topic",
+    "errors_named",
+    "first_error",
+    "retrying",
+]

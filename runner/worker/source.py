@@ -1,0 +1,244 @@
+"""The source runner: poll → transforms → encode (the schema check) → key/partition →
+produce (+ source offsets, one transaction on the embedded broker) → `committed`.
+
+Between poll and produce sits a small bounded queue, so reading overlaps writing while
+memory stays flat however long the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from runner.batch import Batch
+from runner.broker.base import ProduceBatch, SourceWriter
+from runner.broker.partitioner import Partitioner
+from runner.chain import Chain
+from runner.connector import SourceTask
+from runner.errors import FatalError, RecordError
+from runner.worker.common import (
+    QUEUE_BATCHES,
+    Counters,
+    DeadLetters,
+    Topic,
+    errors_named,
+    log,
+    retrying,
+)
+
+
+class SourceRunner:
+    def __init__(
+        self,
+        name: str,
+        task: SourceTask,
+        topic: Topic,
+        writer: SourceWriter,
+        dead_letters: DeadLetters,
+        counters: Counters,
+        stop: asyncio.Event,
+        *,
+        chain: Chain | None = None,
+        routes: dict[str, Topic] | None = None,
+        index: int = 0,
+    ) -> None:
+        self.name = name
+        self.index = index  # the task's number among its source's tasks
+        self.task = task
+        self.topic = topic
+        self.chain = chain
+        self.routes = routes or {}  # topics the chain may send records to, besides `topic`
+        self.writer = writer
+        self.dead_letters = dead_letters
+        self.counters = counters
+        self.stop = stop
+        self.partitioner = Partitioner()
+        # What this runner did (a scheduled run's record in the run history).
+        self.produced = 0
+        self.errored = 0
+        self.partitions: set[str] = set()  # source partitions (files) it committed offsets for
+
+    async def run(self) -> None:
+        async with errors_named(self.name, self.counters.target):
+            await self._run()
+
+    async def _run(self) -> None:
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
+        try:
+            offsets = await retrying(self.writer.open, self.counters, f"{self.name}: read offsets")
+            await self.task.open(offsets)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._poll(queue))
+                group.create_task(self._produce(queue))
+        finally:
+            await self.task.close()
+
+    async def _poll(self, queue: asyncio.Queue[Batch | None]) -> None:
+        while not self.stop.is_set():
+            batch = await self._poll_once()
+            self.counters.progress[self.index] = self.task.progress()
+            if batch is None:
+                break
+            if len(batch) or batch.errors or batch.source_offsets:
+                self.counters.records_in += len(batch) + len(batch.errors)  # unreadable input was read too
+                await queue.put(batch)
+        # The end marker only on a normal end: on an error the task group cancels the
+        # producer, and waiting here for room in a queue nobody reads would hang the run.
+        await queue.put(None)
+
+    async def _poll_once(self) -> Batch | None:
+        """One poll, abandoned (cancelled) if a stop is requested while it waits."""
+        poll = asyncio.ensure_future(retrying(self.task.poll, self.counters, f"{self.name}: poll"))
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            done, _ = await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not poll.done():
+                poll.cancel()
+        return poll.result() if poll in done else None
+
+    async def _produce(self, queue: asyncio.Queue[Batch | None]) -> None:
+        while (batch := await queue.get()) is not None:
+            await self._deliver(batch)
+
+    async def _deliver(self, batch: Batch) -> None:
+        if self.chain:
+            batch = self.counters.filter(self.chain, batch)
+        errors = [self._context(e) for e in batch.errors]
+        produce: list[ProduceBatch] = []
+        produced = 0
+        for topic, indexes in self._destinations(batch):
+            if batch.columnar:  # a columnar source: the records stay columns to the topic
+                columns = batch.columns if indexes is None else batch.columns.take(indexes)
+                columns = self._project_columns(topic, columns)
+                values, failures = topic.encoder.encode(columns=columns)
+                keys = _column_values(columns, topic.key)
+                record = lambda i, columns=columns: columns.slice(i, 1).to_pylist()[0]
+            else:
+                rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
+                self._project(topic, rows)
+                values, failures = topic.encoder.encode(rows)
+                keys = None if topic.key is None else [row.get(topic.key) for row in rows]
+                record = rows.__getitem__
+            if failures:
+                for f in failures:
+                    error = self._context(RecordError(
+                        error=f.error,
+                        stage="encode",
+                        record=record(f.index),
+                        field=f.field,
+                        position=batch.position(f.index if indexes is None else indexes[f.index]),
+                    ))
+                    error.topic = topic.name
+                    errors.append(error)
+                bad = {f.index for f in failures}
+                values = [v for i, v in enumerate(values) if i not in bad]
+                keys = keys and [k for i, k in enumerate(keys) if i not in bad]
+            produce += self._partitioned(topic, keys, values)
+            produced += len(values)
+        self.counters.errors += len(errors)  # counted before the policy may stop the run
+        produce += self.dead_letters.batches(errors)  # raises DataError under tolerance none
+        await retrying(
+            lambda: self.writer.produce(produce, batch.source_offsets), self.counters, f"{self.name}: produce"
+        )
+        self.counters.records_out += produced
+        self.counters.dead_lettered += len(errors)
+        self.dead_letters.settled(produced, len(errors))
+        self.produced += produced
+        self.errored += len(errors)
+        self.partitions.update(batch.source_offsets)
+        if batch.source_offsets:
+            await self.task.committed(batch.source_offsets)
+
+    def _project(self, topic: Topic, rows: list[dict]) -> None:
+        """Drop the top-level fields `topic`'s schema lacks from `rows` (in place), counting
+        them and warning once per field: a source may produce more than a topic keeps."""
+        try:
+            extra = set().union(*rows) - topic.fields
+        except TypeError:  # rows that are not dicts: the encoder refuses them itself
+            return
+        for name in sorted(extra, key=str):
+            count = 0
+            for row in rows:
+                if name in row:
+                    del row[name]
+                    count += 1
+            dropped = self.counters.dropped
+            if name not in dropped:
+                log.warning("%s: field %r is not in the schema of topic %r; dropping it from the records "
+                            "(add it to the schema to keep it)", self.name, name, topic.name)
+            dropped[name] = dropped.get(name, 0) + count
+
+    def _project_columns(self, topic: Topic, columns: pa.RecordBatch) -> pa.RecordBatch:
+        """`_project` for columns: the topic's fields only (a column selection)."""
+        extra = [name for name in columns.schema.names if name not in topic.fields]
+        if not extra:
+            return columns
+        for name in extra:
+            dropped = self.counters.dropped
+            if name not in dropped:
+                log.warning("%s: field %r is not in the schema of topic %r; dropping it from the records "
+                            "(add it to the schema to keep it)", self.name, name, topic.name)
+            dropped[name] = dropped.get(name, 0) + columns.num_rows
+        return columns.select([name for name in columns.schema.names if name in topic.fields])
+
+    def _destinations(self, batch: Batch) -> list[tuple[Topic, list[int] | None]]:
+        """The topics a batch's records go to, with the indexes of each topic's records
+        (None: all of them, to the source's topic — no routing transform)."""
+        if batch.destinations is None:
+            return [(self.topic, None)]
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(batch.destinations):
+            groups.setdefault(name or self.topic.name, []).append(i)
+        out = []
+        for name, indexes in groups.items():
+            topic = self.topic if name == self.topic.name else self.routes.get(name)
+            if topic is None:
+                raise FatalError(
+                    f"{self.name}: a transform sent records to topic {name!r}, which none of its transforms "
+                    "names in topics()",
+                    hint="a routing transform must list every topic it may route to in topics()",
+                )
+            out.append((topic, indexes))
+        return out
+
+    def _context(self, error: RecordError) -> RecordError:
+        error.connector = self.name
+        error.topic = self.topic.name
+        return error
+
+    def _partitioned(self, topic: Topic, keys: list[Any] | None, values: list[bytes]) -> list[ProduceBatch]:
+        """The records in one produce batch per partition, by the key field's value."""
+        keys = [None] * len(values) if keys is None else [_key_bytes(k) for k in keys]
+        parts = self.partitioner.partition(keys, topic.partitions)
+        now = int(time.time() * 1000)
+        buckets: dict[int, ProduceBatch] = {}
+        for p, k, v in zip(parts, keys, values):
+            b = buckets.get(p)
+            if b is None:
+                b = buckets[p] = ProduceBatch(topic.name, p, [], [], [])
+            b.keys.append(k)
+            b.values.append(v)
+        for b in buckets.values():
+            b.timestamps = [now] * len(b.values)
+        return list(buckets.values())
+
+
+def _column_values(columns: pa.RecordBatch, name: str | None) -> list[Any] | None:
+    """The values of column `name` (None: no key field, or the batch lacks it)."""
+    if name is None:
+        return None
+    index = columns.schema.get_field_index(name)
+    return columns.column(index).to_pylist() if index >= 0 else [None] * columns.num_rows
+
+
+def _key_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return (value if isinstance(value, str) else str(value)).encode("utf-8")
