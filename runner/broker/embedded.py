@@ -8,18 +8,17 @@ Storage (`state_dir/broker.db`, WAL mode, synchronous=FULL, page size 16 KiB):
 
 - `topics(id INTEGER PRIMARY KEY, name TEXT UNIQUE, partitions INT, created INT)` —
   `created` in epoch milliseconds.
-- `records_<topic id>_<partition>(offset INTEGER PRIMARY KEY, key BLOB, value BLOB,
-  timestamp INT, headers TEXT)` — one table per topic-partition, append-only, offsets
-  0, 1, 2, ... The offset is the rowid, so a fetch is a range scan of the table's own
-  b-tree and an append goes to its right edge; no secondary index to maintain.
-  (Measured against one shared `WITHOUT ROWID` table keyed by (topic, partition, offset):
-  1.3x faster produce for 200-byte values and 5x for 1 KiB values, where a WITHOUT
-  ROWID b-tree degrades because its interior pages hold whole rows.) Table names use the
-  topic's id, so any topic name is safe; `SELECT id FROM topics WHERE name = ?` finds it.
-- `headers` is NULL for a record without headers, else a JSON object mapping each header
-  name to its value bytes decoded as Latin-1 (a lossless byte <-> code point mapping;
-  JSON escapes non-ASCII as \\u00XX), or null for a null value. Readable with the
-  `sqlite3` shell when values are text; encoded and decoded by the C `json` module.
+- `batches_<topic id>_<partition>(end_offset INTEGER PRIMARY KEY, count INT, size INT,
+  payload BLOB)` — one table per topic-partition, append-only. A row is a stored batch:
+  the `count` records of one produce call to the partition, at offsets `end_offset -
+  count` up to `end_offset` (exclusive), their keys, values, timestamps and headers as an
+  LZ4-compressed Arrow record batch of `size` bytes (see `stored_batches`). Keyed by
+  `end_offset`, the batch holding offset `o` is the first row with `end_offset > o`: a
+  range scan of the table's own b-tree, for a fetch from any offset. Offsets are 0, 1, 2,
+  ... with no gaps. (Layout 1 kept one row per record: 3.1 µs to write and 1.8 µs to read
+  a record, and about 260 bytes of state per activity record; a writer opening a layout-1
+  state directory migrates it, in one transaction.) Table names use the topic's id, so
+  any topic name is safe; `SELECT id FROM topics WHERE name = ?` finds it.
 - `source_offsets(connector, partition TEXT, offset TEXT)`: JSON-encoded offsets.
 - `group_offsets(group_id, topic, partition, next_offset)`: consumer group commits.
 - `PRAGMA user_version` is the schema version.
@@ -40,14 +39,16 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
-from itertools import repeat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pyarrow as pa
 
 from runner.broker.base import (
     FetchedBatch,
@@ -56,12 +57,15 @@ from runner.broker.base import (
     TopicInfo,
     TopicPartition,
 )
+from runner.broker.stored_batches import COLUMNS, decode_headers, pack, unpack
 from runner.errors import FatalError, PipelineError, RetryableError
 from runner.sqlite import connect_read_only
 
 __all__ = ["EmbeddedBroker", "EmbeddedConsumer"]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("pipeline.broker")
+
+SCHEMA_VERSION = 2  # 1: one row per record; 2: stored batches
 DB_NAME = "broker.db"
 LOCK_NAME = "run.lock"
 POLL_INTERVAL = 0.1  # seconds between database polls of a waiting fetch
@@ -105,20 +109,13 @@ T = TypeVar("T")
 
 
 def _table(topic_id: int, partition: int) -> str:
-    return f"records_{topic_id}_{partition}"
+    return f"batches_{topic_id}_{partition}"
 
 
-# Header values are bytes; a None value (Kafka allows null headers) is kept as JSON null.
-def _encode_headers(headers: dict[str, Any] | None) -> str | None:
-    if not headers:
-        return None
-    return json.dumps({k: None if v is None else v.decode("latin-1") for k, v in headers.items()})
-
-
-def _decode_headers(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
-    return {k: None if v is None else v.encode("latin-1") for k, v in json.loads(text).items()}
+_CREATE_PARTITION = (
+    "CREATE TABLE {} (end_offset INTEGER PRIMARY KEY, count INTEGER NOT NULL, size INTEGER NOT NULL, "
+    "payload BLOB NOT NULL)"
+)
 
 
 def _db_error(exc: sqlite3.Error, doing: str) -> PipelineError:
@@ -190,6 +187,13 @@ class EmbeddedBroker:
                 if version == 0:  # the writer has not created the schema yet
                     raise self._no_topics_yet()
                 self._check_version(version)
+                if version < SCHEMA_VERSION:
+                    raise FatalError(
+                        f"{self.db_path} is in the layout of an older version of pipeline (layout {version}, "
+                        f"this version reads {SCHEMA_VERSION})",
+                        hint="`pipeline run` on its spec moves it to the new layout as it starts; or inspect it "
+                        "with the version that wrote it",
+                    )
             except BaseException:
                 self._reader = None
                 await asyncio.to_thread(reader.close)
@@ -282,14 +286,16 @@ class EmbeddedBroker:
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise FatalError(f"cannot put {self.db_path} in WAL mode")
             conn.execute("PRAGMA cache_size = -16384")  # 16 MiB
-            self._check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            self._check_version(version)
+            if version == 1:
+                _migrate_from_layout_1(conn, self.db_path)
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
             for id_, name, partitions in conn.execute("SELECT id, name, partitions FROM topics"):
                 topic = _Topic(id_, name, partitions)
                 self._topics[name] = topic
                 for p, table in enumerate(topic.tables):
-                    last = conn.execute(f"SELECT max(offset) FROM {table}").fetchone()[0]
-                    self._next[(name, p)] = 0 if last is None else last + 1
+                    self._next[(name, p)] = conn.execute(f"SELECT max(end_offset) FROM {table}").fetchone()[0] or 0
         except sqlite3.Error as exc:
             conn.close()
             raise _db_error(exc, f"cannot open {self.db_path}") from exc
@@ -404,10 +410,7 @@ class EmbeddedBroker:
         )
         topic = _Topic(cur.lastrowid or 0, name, partitions)
         for table in topic.tables:
-            conn.execute(
-                f"CREATE TABLE {table} (offset INTEGER PRIMARY KEY, key BLOB, "
-                "value BLOB NOT NULL, timestamp INTEGER NOT NULL, headers TEXT)"
-            )
+            conn.execute(_CREATE_PARTITION.format(table))
         return topic
 
     async def topics(self) -> list[TopicInfo]:
@@ -424,11 +427,7 @@ class EmbeddedBroker:
             return [self._next[(topic, p)] for p in range(t.partitions)]
 
         def ends(conn: sqlite3.Connection) -> list[int]:
-            out = []
-            for table in t.tables:
-                last = conn.execute(f"SELECT max(offset) FROM {table}").fetchone()[0]
-                out.append(0 if last is None else last + 1)
-            return out
+            return [conn.execute(f"SELECT max(end_offset) FROM {table}").fetchone()[0] or 0 for table in t.tables]
 
         return await self._read(ends, f"end offsets of {topic!r}")
 
@@ -471,16 +470,10 @@ class EmbeddedBroker:
         def append(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
             ends: dict[tuple[str, int], int] = {}
             for tp, table, b in plan:
-                start = ends.get(tp, next_offsets[tp])
-                n = len(b.values)
-                headers: Iterable[str | None] = (
-                    repeat(None, n) if b.headers is None else map(_encode_headers, b.headers)
-                )
-                conn.executemany(
-                    f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
-                    zip(range(start, start + n), b.keys, b.values, b.timestamps, headers),
-                )
-                ends[tp] = start + n
+                end = ends.get(tp, next_offsets[tp]) + len(b.values)
+                size, payload = pack(b.keys, b.values, b.timestamps, b.headers)
+                conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", (end, len(b.values), size, payload))
+                ends[tp] = end
             if offset_rows:
                 conn.executemany(_UPSERT_SOURCE, offset_rows)
             return ends
@@ -659,41 +652,94 @@ def _read_partitions(
     """
     share = max(1, max_records // len(plan))
     budget = max_records
-    rows_of: dict[TopicPartition, list[tuple[Any, ...]]] = {}
+    read: dict[TopicPartition, list[pa.RecordBatch]] = {}
+    ends: dict[TopicPartition, int] = {}
     full: list[tuple[TopicPartition, str]] = []
-    sql = "SELECT offset, key, value, timestamp, headers FROM {} WHERE offset >= ? ORDER BY offset LIMIT ?"
     for tp, table, pos in plan:
         if budget <= 0:
             break
         want = min(share, budget)
-        rows = conn.execute(sql.format(table), (pos, want)).fetchall()
-        if rows:
-            rows_of[tp] = rows
-            budget -= len(rows)
-            if len(rows) == want:
+        pieces, end = _read_range(conn, table, pos, want)
+        if pieces:
+            read[tp], ends[tp] = pieces, end
+            budget -= end - pos
+            if end - pos == want:
                 full.append((tp, table))
     for tp, table in full:
         if budget <= 0:
             break
-        rows = rows_of[tp]
-        more = conn.execute(sql.format(table), (rows[-1][0] + 1, budget)).fetchall()
-        rows.extend(more)
-        budget -= len(more)
+        pieces, end = _read_range(conn, table, ends[tp], budget)
+        read[tp] += pieces
+        budget -= end - ends[tp]
+        ends[tp] = end
     out = []
-    for tp, rows in rows_of.items():
-        offsets, keys, values, timestamps, headers = zip(*rows)
+    for tp, pieces in read.items():
+        records = pa.Table.from_batches(pieces, schema=COLUMNS)
+        headers = records.column("headers")
         out.append(
             FetchedBatch(
                 tp.topic,
                 tp.partition,
-                list(offsets),
-                list(keys),
-                list(values),
-                list(timestamps),
-                [_decode_headers(h) for h in headers] if any(h is not None for h in headers) else None,
+                list(range(ends[tp] - records.num_rows, ends[tp])),
+                records.column("key").to_pylist(),
+                records.column("value").to_pylist(),
+                records.column("timestamp").to_pylist(),
+                None if headers.null_count == len(headers) else [decode_headers(h) for h in headers.to_pylist()],
             )
         )
     return out
+
+
+def _read_range(conn: sqlite3.Connection, table: str, pos: int, want: int) -> tuple[list[pa.RecordBatch], int]:
+    """Up to `want` records of a partition from offset `pos`: the pieces of the stored
+    batches that hold them, and the offset after the last."""
+    pieces: list[pa.RecordBatch] = []
+    end = pos
+    rows = conn.execute(
+        f"SELECT end_offset, count, size, payload FROM {table} WHERE end_offset > ? ORDER BY end_offset", (pos,)
+    )
+    try:
+        for batch_end, count, size, payload in rows:
+            skip = end - (batch_end - count)  # the first batch may start before `pos`
+            take = min(count - skip, want - (end - pos))
+            pieces.append(unpack(size, payload).slice(skip, take))
+            end += take
+            if end - pos >= want:
+                break
+    finally:
+        rows.close()
+    return pieces, end
+
+
+def _migrate_from_layout_1(conn: sqlite3.Connection, path: Path) -> None:
+    """Layout 1 (one row per record) -> 2 (stored batches), in one transaction: a crash
+    midway leaves layout 1, migrated again at the next start."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        topics = conn.execute("SELECT id, name, partitions FROM topics").fetchall()
+        records = 0
+        for id_, _, partitions in topics:
+            for p in range(partitions):
+                old, new = f"records_{id_}_{p}", _table(id_, p)
+                conn.execute(_CREATE_PARTITION.format(new))
+                rows = conn.execute(f"SELECT offset, key, value, timestamp, headers FROM {old} ORDER BY offset")
+                while part := rows.fetchmany(10_000):
+                    offsets, keys, values, stamps, texts = zip(*part)
+                    if offsets[-1] - offsets[0] != len(offsets) - 1:
+                        raise FatalError(f"cannot migrate {path}: table {old} has a gap in its offsets")
+                    headers = None if all(t is None for t in texts) else [decode_headers(t) or None for t in texts]
+                    size, payload = pack(keys, values, stamps, headers)
+                    conn.execute(f"INSERT INTO {new} VALUES (?, ?, ?, ?)", (offsets[-1] + 1, len(offsets), size, payload))
+                    records += len(offsets)
+                conn.execute(f"DROP TABLE {old}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    log.warning("%s: moved %s record(s) of %d topic(s) to the stored-batch layout (one row per produce call "
+                "instead of per record); older versions of pipeline cannot read it", path, f"{records:,}", len(topics))
 
 
 class EmbeddedSourceWriter:

@@ -55,6 +55,9 @@ except ImportError:  # pragma: no cover - pyruhvro ships wheels for the platform
 
 __all__ = ["BatchDecoder", "BatchEncoder", "fast_schema"]
 
+NoneType = type(None)
+_MISSING = object()  # a key a row lacks (its type is in no field's allowed types)
+
 _HEADER = struct.Struct(">bI")
 
 # Avro primitive -> the Python types fastavro writes for it without coercion.
@@ -71,7 +74,6 @@ _LOGICAL_TYPES: dict[str, tuple[type, ...]] = {
     "timestamp-micros": (datetime.datetime, int),
     "date": (datetime.date, datetime.datetime, int),
 }
-_INT32 = (-(2**31), 2**31 - 1)
 _LOGICAL = {"timestamp-millis": "long", "timestamp-micros": "long", "date": "int"}
 
 
@@ -114,14 +116,6 @@ def fast_schema(schema: dict[str, Any] | str) -> list[tuple[str, str, bool, bool
     return fields
 
 
-def _checker(kind: str) -> Callable[[Any], bool]:
-    """A test that a non-null value goes into a `kind` field unchanged, as fastavro takes it."""
-    if kind == "int":
-        return lambda v: type(v) is int and _INT32[0] <= v <= _INT32[1]
-    types = _PYTHON_TYPES.get(kind) or _LOGICAL_TYPES[kind]
-    return lambda v: type(v) in types
-
-
 class BatchEncoder:
     """Encodes a batch (rows or Arrow columns) to Confluent-framed Avro with one schema."""
 
@@ -136,7 +130,12 @@ class BatchEncoder:
             self._text = json.dumps(schema)
             self._arrow = avro_to_arrow(schema)
             self._header = _HEADER.pack(MAGIC, schema_id)
-            self._checks = [(name, _checker(kind)) for name, kind, _, _ in self.fields]
+            # Per field: its Arrow type and the Python types fastavro takes into it as they
+            # are (an int too large for an int field: Arrow refuses it too).
+            self._types = [
+                (name, field.type, frozenset((*(_PYTHON_TYPES.get(kind) or _LOGICAL_TYPES[kind]), NoneType)))
+                for (name, kind, _, _), field in zip(self.fields, self._arrow)
+            ]
             self._names = frozenset(f["name"] for f in schema["fields"])
             self._required = frozenset(f["name"] for f in schema["fields"] if "default" not in f)
             # Nulls the compiled writer cannot take: a field that is not nullable, or one
@@ -159,30 +158,38 @@ class BatchEncoder:
         """The records as columns of the schema's Arrow types, or None when the batch must
         take the per-record path (a record that may not fit)."""
         try:
-            if rows is not None:
-                # Exactly the schema's fields, or fewer where the missing ones have defaults
-                # (fastavro refuses an unknown field, and a missing one without a default).
-                names, required = self._names, self._required
-                for row in rows:
-                    keys = row.keys()
-                    if keys != names and not (keys <= names and required <= keys):
-                        return None
-                for name, check in self._checks:
-                    for row in rows:
-                        value = row.get(name)
-                        if value is not None and not check(value):
-                            return None
-                batch = pa.RecordBatch.from_pylist(rows, schema=self._arrow)
-            else:
-                batch = _conform(columns, self._arrow)
-                if batch is None:
-                    return None
+            batch = self._from_rows(rows) if rows is not None else _conform(columns, self._arrow)
         except (pa.ArrowException, AttributeError, TypeError, ValueError, OverflowError):
+            return None
+        if batch is None:
             return None
         for name in self._no_nulls:
             if batch.column(name).null_count:
                 return None
         return batch
+
+    def _from_rows(self, rows: Sequence[Any]) -> pa.RecordBatch | None:
+        """Rows as columns, or None if a value is of a type fastavro would refuse or Arrow
+        would change (one type test per distinct type of a column, in C)."""
+        names = self._names
+        if set(map(len, rows)) == {len(names)}:
+            get = _MISSING  # with every row as long as the schema, a missing key shows as _MISSING
+        else:
+            # Fewer keys where the missing fields have defaults (fastavro refuses an unknown
+            # field, and a missing one without a default); missing then reads as None.
+            required = self._required
+            for row in rows:
+                keys = row.keys()
+                if keys != names and not (keys <= names and required <= keys):
+                    return None
+            get = None
+        arrays = []
+        for name, arrow_type, allowed in self._types:
+            values = [row.get(name, get) for row in rows]
+            if not set(map(type, values)) <= allowed:
+                return None
+            arrays.append(pa.array(values, arrow_type))
+        return pa.RecordBatch.from_arrays(arrays, schema=self._arrow)
 
     def _frame(self, bodies: list[pa.BinaryArray]) -> list[bytes]:
         header = self._header
