@@ -55,6 +55,15 @@ Sinks are told where their records came from (`Batch.topic`, `.partition`,
 returns, so whatever was not flushed is delivered again after a crash (at-least-once). A
 sink that records offsets in its own output (for exactly-once) returns them from `open`.
 
+Rows or columns
+---------------
+A source may return rows (a list of dicts) or columns (a `pyarrow.RecordBatch`). Columns
+stay columns all the way to the topic: the engine partitions them by the key column and
+encodes them a batch at a time, in compiled code, without making a dict per record. For
+that, build them with `arrow_schema(avro_schema)`'s types (the topic's schema, or what
+`produces()` returns); other types are cast where that loses nothing, and the batch goes
+record by record where a value may not fit (the record that does not is named).
+
 Errors
 ------
 - Input a source cannot turn into a record (a malformed line) goes in `Batch.errors` as a
@@ -79,6 +88,7 @@ from runner.broker.base import TopicPartition
 from runner.config import Config, ConfigError, SettingInfo, setting
 from runner.errors import FatalError, RecordError, RetryableError
 from runner.hookspecs import hookimpl
+from runner.schema.arrow import avro_to_arrow as arrow_schema
 
 __all__ = [
     "Batch",
@@ -95,6 +105,7 @@ __all__ = [
     "Source",
     "SourceTask",
     "TopicPartition",
+    "arrow_schema",
     "hookimpl",
     "setting",
 ]

@@ -50,11 +50,24 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+
+from connectors.http_log.files import Chunk, FileSet
+from connectors.http_log.formats import (
+    NAMED_FORMATS,
+    FormatError,
+    LogFormat,
+    avro_schema_for,
+    compile_format,
+)
+from connectors.http_log.parallel import MIN_BYTES, ParsePool, parallel_workers
 from runner.batch import Batch
 from runner.connector import (
     Config,
@@ -64,15 +77,6 @@ from runner.connector import (
     Source,
     SourceTask,
     setting,
-)
-
-from connectors.http_log.files import Chunk, FileSet
-from connectors.http_log.formats import (
-    NAMED_FORMATS,
-    FormatError,
-    LogFormat,
-    avro_schema_for,
-    compile_format,
 )
 
 log = logging.getLogger("pipeline.http_log")
@@ -158,6 +162,10 @@ class HttpLogSourceTask(SourceTask):
         self.format: LogFormat = compile_format(config.format)
         self.files = FileSet(patterns, config.follow, config.encoding)
         self.last_scan = 0.0
+        # A long log is parsed in other processes (see parallel.py): chunks read and handed
+        # over, in reading order, with where the file stood after each.
+        self.pool: ParsePool | None = None
+        self.ahead: deque[tuple[concurrent.futures.Future, Chunk, dict[str, Any]]] = deque()
 
     async def open(self, offsets: dict[str, Any]) -> None:
         self.files.load(offsets)
@@ -167,8 +175,14 @@ class HttpLogSourceTask(SourceTask):
                 f"no file matches {', '.join(self.config.paths)}",
                 hint="paths are globs relative to the spec's directory",
             )
+        done, total = self.files.progress()
+        workers = parallel_workers()
+        if workers and total - done >= MIN_BYTES:
+            self.pool = ParsePool(self.config.format, workers)
 
     async def poll(self) -> Batch | None:
+        if self.pool is not None:
+            return await self._poll_parallel()
         batch = await asyncio.to_thread(self._step, False)
         if batch is not None or not self.config.follow:
             return batch
@@ -176,7 +190,34 @@ class HttpLogSourceTask(SourceTask):
         batch = await asyncio.to_thread(self._step, True)
         return batch if batch is not None else Batch([])
 
+    async def _poll_parallel(self) -> Batch | None:
+        """`poll` with the parsing in other processes, up to `pool.depth` chunks ahead."""
+        pool = self.pool
+        while len(self.ahead) < pool.depth:
+            read = await asyncio.to_thread(self._read, False)
+            if read is None:
+                break
+            chunk, offsets = read
+            self.ahead.append((pool.submit(chunk.lines), chunk, offsets))
+        if not self.ahead:
+            if not self.config.follow:
+                return None
+            await asyncio.sleep(self.config.poll_interval)
+            read = await asyncio.to_thread(self._read, True)
+            if read is None:
+                return Batch([])
+            self.ahead.append((pool.submit(read[0].lines), *read))
+        future, chunk, offsets = self.ahead.popleft()
+        records, bad, kept = await asyncio.wrap_future(future)
+        return self._batch(chunk, offsets, records, bad, kept)
+
     async def close(self) -> None:
+        if self.pool is not None:
+            for future, _, _ in self.ahead:
+                future.cancel()
+            self.ahead.clear()
+            self.pool.close()
+            self.pool = None
         self.files.close()
 
     def progress(self) -> Progress | None:
@@ -195,7 +236,16 @@ class HttpLogSourceTask(SourceTask):
         self.last_scan = time.monotonic()
 
     def _step(self, rescan: bool) -> Batch | None:
-        """One batch from the next file with unread data; None if there is none.
+        """One batch from the next file with unread data, parsed here; None if there is none."""
+        read = self._read(rescan)
+        if read is None:
+            return None
+        chunk, offsets = read
+        return self._batch(chunk, offsets, *self.format.parse_columns(chunk.lines))
+
+    def _read(self, rescan: bool) -> tuple[Chunk, dict[str, Any]] | None:
+        """The next chunk of lines from the next file with unread data, and the source offset
+        after it (empty when the file's position did not move); None if there is none.
 
         A file deleted or renamed away while it is read is read to its end from the
         descriptor held open. One that vanishes between the scan and its opening is skipped:
@@ -224,12 +274,20 @@ class HttpLogSourceTask(SourceTask):
                 if not self.config.follow:
                     log.warning("http_log: skipped %s: %s", tf.path, exc.strerror or exc)
                 continue
-            return self._parse(chunk, moved=tf.offset() != before)
+            after = tf.offset()
+            return chunk, ({tf.ident: after} if after != before else {})
 
-    def _parse(self, chunk: Chunk, moved: bool) -> Batch:
-        tf = chunk.file
-        path = tf.path
-        rows, bad, kept = self.format.parse_lines(chunk.lines)
+    def _batch(
+        self,
+        chunk: Chunk,
+        offsets: dict[str, Any],
+        records: list[dict[str, Any]] | pa.RecordBatch,
+        bad: list[tuple[int, str]],
+        kept: list[int] | None,
+    ) -> Batch:
+        """The batch of a parsed chunk: its records (rows, or columns from a parse process),
+        the lines that did not parse as errors naming path:line, and each record's line."""
+        path = chunk.file.path
         first = chunk.first_line
         errors = [
             RecordError(
@@ -242,10 +300,13 @@ class HttpLogSourceTask(SourceTask):
         ]
         if chunk.error:
             errors.append(RecordError(error=chunk.error, stage="source", position=path))
-        lines = range(first, first + len(rows)) if kept is None else [first + i for i in kept]
+        count = len(records) if isinstance(records, list) else records.num_rows
+        lines = range(first, first + count) if kept is None else [first + i for i in kept]
+        columns = records if isinstance(records, pa.RecordBatch) else None
         return Batch(
-            rows,
-            source_offsets={tf.ident: tf.offset()} if moved else {},
+            None if columns is not None else records,
+            columns=columns,
+            source_offsets=offsets,
             errors=errors,
             positions=Positions(path, lines),
         )

@@ -20,7 +20,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-__all__ = ["Partitioner", "murmur2", "partition_for", "partition_keys"]
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["Partitioner", "murmur2", "murmur2_column", "partition_column", "partition_for", "partition_keys"]
 
 _SEED = 0x9747B28C
 _M = 0x5BD1E995
@@ -116,6 +119,16 @@ class Partitioner:
             self._sticky = (sticky + 1) % partitions
         return out
 
+    def partition_column(self, keys: pa.Array, partitions: int) -> np.ndarray:
+        """`partition` for an Arrow string or binary array of keys, vectorised."""
+        if partitions <= 0:
+            raise ValueError(f"partitions must be positive, got {partitions}")
+        sticky = self._sticky % partitions
+        out = partition_column(keys, partitions, sticky)
+        if keys.null_count and partitions > 1:
+            self._sticky = (sticky + 1) % partitions
+        return out
+
 
 # A module-level partitioner for callers that do not keep their own (its sticky
 # partition rotates across all such callers, which is fine: keyless records have no
@@ -126,3 +139,57 @@ _default = Partitioner()
 def partition_keys(keys: Sequence[bytes | None], partitions: int) -> list[int]:
     """`Partitioner.partition` on a shared module-level partitioner."""
     return _default.partition(keys, partitions)
+
+
+# -- vectorised, for a column of keys ------------------------------------------------------
+
+
+def murmur2_column(keys: pa.Array) -> np.ndarray:
+    """`murmur2` of every value of an Arrow string or binary array at once (numpy, uint32
+    arithmetic that wraps as Java's ints do), as unsigned 32-bit ints; nulls hash as empty.
+
+    One pass per 4-byte word of the longest key, each a handful of numpy operations over
+    all keys: for short keys (hosts, ids) about 0.05 µs a key against 0.5 in Python.
+    """
+    keys = keys.cast(pa.binary()) if not pa.types.is_binary(keys.type) else keys
+    n = len(keys)
+    _, offsets_buffer, data_buffer = keys.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32, count=n + 1, offset=keys.offset * 4).astype(np.int64)
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    m = np.uint32(_M)
+    h = np.uint32(_SEED) ^ lengths.astype(np.uint32)
+    words = lengths >> 2
+    for w in range(int(words.max(initial=0))):
+        has = words > w
+        at = starts[has] + 4 * w
+        k = (data[at].astype(np.uint32) | (data[at + 1].astype(np.uint32) << 8)
+             | (data[at + 2].astype(np.uint32) << 16) | (data[at + 3].astype(np.uint32) << 24))
+        k = k * m
+        k = (k ^ (k >> np.uint32(24))) * m
+        h[has] = (h[has] * m) ^ k
+    rest = lengths & 3
+    tail = starts + (words << 2)
+    for size in (3, 2, 1):  # Java's switch falls through: 3 -> 2 -> 1, then multiplies once
+        has = rest >= size
+        if size == 3:
+            h[has] ^= data[tail[has] + 2].astype(np.uint32) << 16
+        elif size == 2:
+            h[has] ^= data[tail[has] + 1].astype(np.uint32) << 8
+        else:
+            h[has] = (h[has] ^ data[tail[has]].astype(np.uint32)) * m
+    h ^= h >> np.uint32(13)
+    h = h * m
+    h ^= h >> np.uint32(15)
+    return h
+
+
+def partition_column(keys: pa.Array, partitions: int, sticky: int) -> np.ndarray:
+    """The partition of every key of an Arrow string or binary array (as `Partitioner`:
+    Kafka's default partitioner), null keys on partition `sticky`."""
+    if partitions == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    out = (murmur2_column(keys) & np.uint32(0x7FFFFFFF)).astype(np.int64) % partitions
+    if keys.null_count:
+        out[np.asarray(keys.is_null())] = sticky
+    return out

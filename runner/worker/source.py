@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from runner.batch import Batch
@@ -116,7 +117,7 @@ class SourceRunner:
                 columns = batch.columns if indexes is None else batch.columns.take(indexes)
                 columns = self._project_columns(topic, columns)
                 values, failures = topic.encoder.encode(columns=columns)
-                keys = _column_values(columns, topic.key)
+                keys = _key_column(columns, topic.key)
                 record = lambda i, columns=columns: columns.slice(i, 1).to_pylist()[0]
             else:
                 rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
@@ -136,8 +137,12 @@ class SourceRunner:
                     error.topic = topic.name
                     errors.append(error)
                 bad = {f.index for f in failures}
-                values = [v for i, v in enumerate(values) if i not in bad]
-                keys = keys and [k for i, k in enumerate(keys) if i not in bad]
+                good = [i for i in range(len(values)) if i not in bad]
+                values = [values[i] for i in good]
+                if isinstance(keys, pa.Array):
+                    keys = keys.take(pa.array(good, pa.int64()))
+                elif keys is not None:
+                    keys = [keys[i] for i in good]
             produce += self._partitioned(topic, keys, values)
             produced += len(values)
         self.counters.errors += len(errors)  # counted before the policy may stop the run
@@ -211,29 +216,40 @@ class SourceRunner:
         error.topic = self.topic.name
         return error
 
-    def _partitioned(self, topic: Topic, keys: list[Any] | None, values: list[bytes]) -> list[ProduceBatch]:
-        """The records in one produce batch per partition, by the key field's value."""
-        keys = [None] * len(values) if keys is None else [_key_bytes(k) for k in keys]
-        parts = self.partitioner.partition(keys, topic.partitions)
+    def _partitioned(self, topic: Topic, keys: list[Any] | pa.Array | None, values: list[bytes]) -> list[ProduceBatch]:
+        """The records in one produce batch per partition, by their key: a list of the key
+        field's values, or the key column (string or binary: partitioned vectorised)."""
+        if isinstance(keys, pa.Array):
+            parts = self.partitioner.partition_column(keys, topic.partitions)
+            keys = keys.cast(pa.binary()).to_pylist()
+        else:
+            keys = [None] * len(values) if keys is None else [_key_bytes(k) for k in keys]
+            parts = np.asarray(self.partitioner.partition(keys, topic.partitions), dtype=np.int64)
         now = int(time.time() * 1000)
-        buckets: dict[int, ProduceBatch] = {}
-        for p, k, v in zip(parts, keys, values):
-            b = buckets.get(p)
-            if b is None:
-                b = buckets[p] = ProduceBatch(topic.name, p, [], [], [])
-            b.keys.append(k)
-            b.values.append(v)
-        for b in buckets.values():
-            b.timestamps = [now] * len(b.values)
-        return list(buckets.values())
+        out = []
+        # Each partition's records, in their order (a stable sort keeps order per key).
+        order = np.argsort(parts, kind="stable")
+        bounds = np.searchsorted(parts[order], np.arange(topic.partitions + 1))
+        for p in range(topic.partitions):
+            picked = order[bounds[p] : bounds[p + 1]].tolist()
+            if picked:
+                out.append(ProduceBatch(topic.name, p, [keys[i] for i in picked], [values[i] for i in picked],
+                                        [now] * len(picked)))
+        return out
 
 
-def _column_values(columns: pa.RecordBatch, name: str | None) -> list[Any] | None:
-    """The values of column `name` (None: no key field, or the batch lacks it)."""
+def _key_column(columns: pa.RecordBatch, name: str | None) -> pa.Array | list[Any] | None:
+    """The key field of columnar records: the column itself when it is text or bytes (to be
+    partitioned vectorised), else its values; None without a key field."""
     if name is None:
         return None
     index = columns.schema.get_field_index(name)
-    return columns.column(index).to_pylist() if index >= 0 else [None] * columns.num_rows
+    if index < 0:
+        return [None] * columns.num_rows
+    column = columns.column(index)
+    if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+        return column
+    return column.to_pylist()
 
 
 def _key_bytes(value: Any) -> bytes | None:

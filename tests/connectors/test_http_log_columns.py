@@ -1,0 +1,142 @@
+"""`LogFormat.parse_columns` (a column at a time, what http_log runs) gives exactly what
+`LogFormat.parse_lines` (a dict per line) gives: the same records, the same errors, the
+same line of each record — on random lines built from real and hostile pieces."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import connectors.http_log as http_log
+from connectors.http_log.formats import NAMED_FORMATS, compile_format
+from tests.connectors.tasks import drain, write
+from tests.connectors.test_http_log import lines, source_task
+
+HOSTS = st.sampled_from(["203.0.113.7", "-", "host.example", "::1", "", "a b"])
+TIMES = st.sampled_from([
+    "10/Oct/2000:13:55:36 -0700", "10/OCT/2000:13:55:36 +0130", "29/Feb/2024:00:00:00 +0000",
+    "31/Feb/2024:00:00:00 +0000", "10/Oct/2000:25:00:00 +0000", "01/Jan/1970:00:00:00 +0000",
+    "10/Oct/2000:13:55:36 +0099", "10/Xyz/2000:13:55:36 +0000",
+])
+REQUESTS = st.sampled_from([
+    "GET / HTTP/1.1", "GET /a?b=c HTTP/2.0", "-", "", r"\x16\x03\x01\x02\x00\x01", "GET  HTTP/1.1",
+    r"POST /caf\xc3\xa9 HTTP/1.1", r"GET /\"q\" HTTP/1.0", "BREW /pot HTCPCP/1.0", "get lower HTTP/1.1",
+])
+NUMBERS = st.sampled_from(["200", "404", "-", "007", "99999999999", "2147483648", "١٢٣", "0"])
+TEXTS = st.sampled_from([
+    "-", "", "https://example.org/", r"https://example.ru/\xcf\xf0\xe8", r"caf\xc3\xa9", r"say \"hi\"",
+    "Mozilla/5.0 (X11; Linux x86_64)", "ünïcödé", r"back\\slash", r"\x22nginx\x22",
+])
+
+
+@st.composite
+def log_lines(draw) -> str:
+    host, time, request, status, size = draw(HOSTS), draw(TIMES), draw(REQUESTS), draw(NUMBERS), draw(NUMBERS)
+    line = f'{host} - {draw(HOSTS)} [{time}] "{request}" {status} {size} "{draw(TEXTS)}" "{draw(TEXTS)}"'
+    return draw(st.sampled_from([line, line, line, line + " \t", "", "   ", "garbage", line[: len(line) // 2]]))
+
+
+@settings(max_examples=int(os.environ.get("COLUMNS_EXAMPLES", 300)), deadline=None)
+@given(st.sampled_from(sorted(NAMED_FORMATS)), st.lists(log_lines(), max_size=12))
+def test_columns_give_exactly_what_rows_give(fmt: str, texts: list[str]) -> None:
+    log_format = compile_format(fmt)
+    rows, errors, kept = log_format.parse_lines(texts)
+    records, column_errors, column_kept = log_format.parse_columns(texts)
+    if isinstance(records, pa.RecordBatch):
+        assert records.schema == log_format.arrow_schema()
+        records = records.to_pylist()
+    assert (records, column_errors, column_kept) == (rows, errors, kept)
+
+
+def test_a_plain_chunk_comes_back_as_columns() -> None:
+    log_format = compile_format("combined")
+    line = '203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] "GET /caf\\xc3\\xa9 HTTP/1.1" 200 - "-" "curl/8"'
+    records, errors, kept = log_format.parse_columns([line, "", line])
+    assert isinstance(records, pa.RecordBatch) and errors == [] and kept == [0, 2]
+    first = records.to_pylist()[0]
+    assert first["path"] == "/café" and first["bytes"] is None and first["referrer"] is None
+    assert first["timestamp"] == dt.datetime(2000, 10, 10, 20, 55, 36, tzinfo=dt.timezone.utc)
+
+
+def test_a_status_too_large_for_its_column_comes_back_as_rows() -> None:
+    line = '203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] "GET / HTTP/1.1" 2147483648 5'
+    records, errors, _ = compile_format("common").parse_columns([line])
+    assert isinstance(records, list)
+    assert records[0]["status"] == 2147483648 and errors == []  # the schema check names it later
+
+
+# -- parsing in worker processes (a long log) ------------------------------------------------
+
+
+def read_all(tmp_path, monkeypatch, *, processes: bool, offsets=None, **config):
+    """What an http_log task gives, with the parse processes forced on or off."""
+    monkeypatch.setattr(http_log, "MIN_BYTES", 0 if processes else 10**18)
+    task = source_task(tmp_path, **config)
+    batches = drain(task, offsets)
+    return [
+        (b.rows, [(e.error, e.record, e.position) for e in b.errors], list(b.positions), b.source_offsets)
+        for b in batches
+    ]
+
+
+def test_parsing_in_worker_processes_gives_what_parsing_in_place_gives(tmp_path, monkeypatch) -> None:
+    text = lines(1, 40) + "not an access log line\n\n" + lines(40, 90).replace("Chrome", r"Chr\xc3\xa9me")
+    write(tmp_path / "access.log.1", lines(100, 130))
+    os.utime(tmp_path / "access.log.1", (1_000_000, 1_000_000))
+    write(tmp_path / "access.log", text)
+    config = {"paths": ["access.log*"], "batch_size": 7}
+    in_place = read_all(tmp_path, monkeypatch, processes=False, **config)
+    in_processes = read_all(tmp_path, monkeypatch, processes=True, **config)
+    assert in_processes == in_place
+    assert sum(len(rows) for rows, *_ in in_place) == 119 and any(errors for _, errors, *_ in in_place)
+    # Resuming from the offsets of any batch reads the rest, as in place.
+    offsets: dict = {}
+    for rows, _, _, batch_offsets in in_place[:5]:
+        offsets.update(batch_offsets)
+    assert read_all(tmp_path, monkeypatch, processes=True, offsets=offsets, **config) == \
+        read_all(tmp_path, monkeypatch, processes=False, offsets=offsets, **config)
+
+
+def test_a_worker_process_ends_with_the_engine_however_it_ends(tmp_path) -> None:
+    """Killed with SIGKILL, the engine leaves no parse process behind: its pipe closes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write(tmp_path / "access.log", lines(1, 20))
+    script = (
+        "import asyncio, os, sys\n"
+        "import connectors.http_log as h\n"
+        "h.MIN_BYTES = 0\n"
+        "from tests.connectors.test_http_log import source_task\n"
+        "from pathlib import Path\n"
+        "task = source_task(Path(sys.argv[1]), paths=['access.log'], batch_size=2)\n"
+        "async def main():\n"
+        "    await task.open({})\n"
+        "    await task.poll()\n"
+        "    print(task.pool._workers[0].process.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    engine = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    worker = int(engine.stdout.readline())
+    engine.send_signal(signal.SIGKILL)
+    engine.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{worker}/stat") as f:  # reaped by init once it ends: a zombie has ended
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"parse worker {worker} still runs 10 s after its engine was killed")
