@@ -123,6 +123,14 @@ class HttpLogSource(Source):
             min=0.01,
             max=60,
         )
+        parse_processes: int = setting(
+            -1,
+            help="Worker processes that parse the lines while the engine moves what was parsed before: "
+            "-1 for one per core but one when the files to read hold 32 MiB or more, 0 to parse in the "
+            "engine's process.",
+            min=-1,
+            max=64,
+        )
         encoding: str = setting(
             "utf-8",
             help="Text encoding of the logs (ASCII-compatible); bytes that are not valid in it are "
@@ -175,9 +183,11 @@ class HttpLogSourceTask(SourceTask):
                 f"no file matches {', '.join(self.config.paths)}",
                 hint="paths are globs relative to the spec's directory",
             )
-        done, total = self.files.progress()
-        workers = parallel_workers()
-        if workers and total - done >= MIN_BYTES:
+        workers = self.config.parse_processes
+        if workers < 0:
+            done, total = self.files.progress()
+            workers = parallel_workers() if total - done >= MIN_BYTES else 0
+        if workers:
             self.pool = ParsePool(self.config.format, workers)
 
     async def poll(self) -> Batch | None:

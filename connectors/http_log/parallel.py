@@ -9,7 +9,7 @@ gets each back as Arrow columns: building them there takes one more step off the
 engine's core. Results come back in the order the chunks were read, so offsets and order
 are exactly as when parsing in place; lines that do not match come back with them.
 
-A worker is `python -m connectors.http_log.parallel`, talking over its stdin and stdout
+A worker is `python -m connectors.http_log.parse_worker`, talking over its stdin and stdout
 (length-prefixed pickles), rather than a `multiprocessing` pool: that would import the
 caller's `__main__` again in the worker, which breaks a script that runs a pipeline
 without an `if __name__ == "__main__"` guard. A worker ignores Ctrl-C (the engine stops
@@ -22,7 +22,6 @@ import concurrent.futures
 import os
 import pickle
 import queue
-import signal
 import struct
 import subprocess
 import sys
@@ -68,7 +67,7 @@ class _Worker:
 
     def __init__(self, format: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "connectors.http_log.parallel", format],
+            [sys.executable, "-m", "connectors.http_log.parse_worker", format],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -94,7 +93,7 @@ class _Worker:
         stdin = self.process.stdin
         try:
             while (request := self.requests.get()) is not None:
-                _send(stdin, request)
+                send(stdin, request)
         except OSError as exc:  # the worker died; _read reports it
             self._fail(exc)
         finally:
@@ -106,7 +105,7 @@ class _Worker:
     def _read(self) -> None:
         stdout = self.process.stdout
         try:
-            while (answer := _receive(stdout)) is not None:
+            while (answer := receive(stdout)) is not None:
                 with self.lock:
                     future = self.waiting.popleft()
                 kind, value = pickle.loads(answer)
@@ -139,13 +138,13 @@ class _Worker:
             self.process.wait()
 
 
-def _send(stream: IO[bytes], payload: bytes) -> None:
+def send(stream: IO[bytes], payload: bytes) -> None:
     stream.write(_LENGTH.pack(len(payload)))
     stream.write(payload)
     stream.flush()
 
 
-def _receive(stream: IO[bytes]) -> bytes | None:
+def receive(stream: IO[bytes]) -> bytes | None:
     head = stream.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None
@@ -154,26 +153,3 @@ def _receive(stream: IO[bytes]) -> bytes | None:
     if len(payload) < size:
         return None
     return payload
-
-
-# -- in the worker process ----------------------------------------------------------------
-
-
-def _serve(format_text: str) -> None:
-    from connectors.http_log.formats import compile_format
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    log_format = compile_format(format_text)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # the pipe is the protocol's: anything printed goes to stderr
-    while (request := _receive(stdin)) is not None:
-        try:
-            text, count = pickle.loads(request)
-            answer = ("ok", log_format.parse_columns(text.split("\n") if count else []))
-        except Exception as exc:  # noqa: BLE001 - reported to the engine, which stops the run
-            answer = ("error", f"{type(exc).__name__}: {exc}")
-        _send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1])

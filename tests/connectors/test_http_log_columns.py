@@ -12,8 +12,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import connectors.http_log as http_log
 from connectors.http_log.formats import NAMED_FORMATS, compile_format
+from tests.conftest import run_cli
 from tests.connectors.tasks import drain, write
 from tests.connectors.test_http_log import lines, source_task
 
@@ -73,10 +73,9 @@ def test_a_status_too_large_for_its_column_comes_back_as_rows() -> None:
 # -- parsing in worker processes (a long log) ------------------------------------------------
 
 
-def read_all(tmp_path, monkeypatch, *, processes: bool, offsets=None, **config):
-    """What an http_log task gives, with the parse processes forced on or off."""
-    monkeypatch.setattr(http_log, "MIN_BYTES", 0 if processes else 10**18)
-    task = source_task(tmp_path, **config)
+def read_all(tmp_path, *, processes: bool, offsets=None, **config):
+    """What an http_log task gives, parsing in a worker process or in place."""
+    task = source_task(tmp_path, parse_processes=1 if processes else 0, **config)
     batches = drain(task, offsets)
     return [
         (b.rows, [(e.error, e.record, e.position) for e in b.errors], list(b.positions), b.source_offsets)
@@ -84,22 +83,22 @@ def read_all(tmp_path, monkeypatch, *, processes: bool, offsets=None, **config):
     ]
 
 
-def test_parsing_in_worker_processes_gives_what_parsing_in_place_gives(tmp_path, monkeypatch) -> None:
+def test_parsing_in_worker_processes_gives_what_parsing_in_place_gives(tmp_path) -> None:
     text = lines(1, 40) + "not an access log line\n\n" + lines(40, 90).replace("Chrome", r"Chr\xc3\xa9me")
     write(tmp_path / "access.log.1", lines(100, 130))
     os.utime(tmp_path / "access.log.1", (1_000_000, 1_000_000))
     write(tmp_path / "access.log", text)
     config = {"paths": ["access.log*"], "batch_size": 7}
-    in_place = read_all(tmp_path, monkeypatch, processes=False, **config)
-    in_processes = read_all(tmp_path, monkeypatch, processes=True, **config)
+    in_place = read_all(tmp_path, processes=False, **config)
+    in_processes = read_all(tmp_path, processes=True, **config)
     assert in_processes == in_place
     assert sum(len(rows) for rows, *_ in in_place) == 119 and any(errors for _, errors, *_ in in_place)
     # Resuming from the offsets of any batch reads the rest, as in place.
     offsets: dict = {}
     for rows, _, _, batch_offsets in in_place[:5]:
         offsets.update(batch_offsets)
-    assert read_all(tmp_path, monkeypatch, processes=True, offsets=offsets, **config) == \
-        read_all(tmp_path, monkeypatch, processes=False, offsets=offsets, **config)
+    assert read_all(tmp_path, processes=True, offsets=offsets, **config) == \
+        read_all(tmp_path, processes=False, offsets=offsets, **config)
 
 
 def test_a_worker_process_ends_with_the_engine_however_it_ends(tmp_path) -> None:
@@ -112,11 +111,9 @@ def test_a_worker_process_ends_with_the_engine_however_it_ends(tmp_path) -> None
     write(tmp_path / "access.log", lines(1, 20))
     script = (
         "import asyncio, os, sys\n"
-        "import connectors.http_log as h\n"
-        "h.MIN_BYTES = 0\n"
         "from tests.connectors.test_http_log import source_task\n"
         "from pathlib import Path\n"
-        "task = source_task(Path(sys.argv[1]), paths=['access.log'], batch_size=2)\n"
+        "task = source_task(Path(sys.argv[1]), paths=['access.log'], batch_size=2, parse_processes=1)\n"
         "async def main():\n"
         "    await task.open({})\n"
         "    await task.poll()\n"
@@ -140,3 +137,33 @@ def test_a_worker_process_ends_with_the_engine_however_it_ends(tmp_path) -> None
                 return
         time.sleep(0.05)
     raise AssertionError(f"parse worker {worker} still runs 10 s after its engine was killed")
+
+
+def test_a_run_parsing_in_a_worker_process_through_the_cli(tmp_path) -> None:
+    """Through the CLI, with `parse_processes: 1`: every line delivered, the malformed one
+    dead-lettered with its file:line, and nothing but the run's own output on stderr."""
+    import json
+
+    write(tmp_path / "logs" / "access.log", lines(1, 500) + "garbage\n" + lines(500, 1000))
+    schema = str(Path(__file__).resolve().parents[2] / "pipelines" / "schemas" / "activity.avsc")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+name: parse-processes
+topics:
+  activity: {{partitions: 2, schema: {json.dumps(schema)}, key: remote_host}}
+sources:
+  - name: logs
+    connector: http_log
+    topic: activity
+    config: {{paths: [logs/access.log], parse_processes: 1, batch_size: 100}}
+sinks:
+  - {{name: out, connector: jsonl, topics: [activity], config: {{path: out}}}}
+errors: {{tolerance: all, dead_letter_topic: activity-dlq}}
+""")
+    ran = run_cli("run", str(spec), "--once", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert "Warning" not in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+    records = [json.loads(text) for part in (tmp_path / "out").glob("*.jsonl") for text in part.read_text().splitlines()]
+    assert sorted(int(r["path"].rsplit("/", 1)[1]) for r in records) == list(range(1, 1000))
+    dead = run_cli("consume", "activity-dlq", "--from-beginning", "--spec", str(spec), "--json")
+    assert f"{tmp_path / 'logs' / 'access.log'}:500" in dead.stdout

@@ -1,0 +1,30 @@
+"""A parse worker of http_log (see `parallel`): `python -m connectors.http_log.parse_worker
+FORMAT` parses the chunks of lines it reads from stdin and writes their records to
+stdout, in order, until stdin closes."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sys
+
+from connectors.http_log.formats import compile_format
+from connectors.http_log.parallel import receive, send
+
+
+def serve(format_text: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's: it stops us
+    log_format = compile_format(format_text)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # the pipe is the protocol's: anything printed goes to stderr
+    while (request := receive(stdin)) is not None:
+        try:
+            text, count = pickle.loads(request)
+            answer = ("ok", log_format.parse_columns(text.split("\n") if count else []))
+        except Exception as exc:  # noqa: BLE001 - reported to the engine, which stops the run
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
