@@ -4,6 +4,7 @@ stdout, in order, until stdin closes."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 import signal
 import sys
@@ -15,6 +16,10 @@ from connectors.http_log.parallel import receive, send
 def serve(format_text: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's: it stops us
     log_format = compile_format(format_text)
+    # A chunk makes a tuple per line and drops them all; none is in a cycle. Young
+    # collections every 700 of them cost about 6 % of the parse.
+    gc.freeze()
+    gc.set_threshold(100_000, 20, 20)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # the pipe is the protocol's: anything printed goes to stderr
     while (request := receive(stdin)) is not None:

@@ -231,7 +231,7 @@ def test_bad_format_strings_and_settings_are_config_errors() -> None:
         HttpLogSource.Config.parse({"paths": ["x"], "format": "%h % %t"})
     config = HttpLogSource.Config.parse({"paths": ["x"]})
     assert (config.format, config.follow, config.batch_size, config.poll_interval, config.encoding) == (
-        "combined", False, 10_000, 0.5, "utf-8"
+        "combined", False, 10_000, 0.1, "utf-8"
     )
 
 
