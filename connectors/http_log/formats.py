@@ -262,14 +262,15 @@ class LogFormat:
         return rows, errors, kept
 
     def parse_columns(
-        self, lines: list[str]
+        self, lines: list[str], *, escapes: bool = True
     ) -> tuple[pa.RecordBatch | list[dict[str, Any]], list[tuple[int, str]], list[int] | None]:
         """`parse_lines` with the records as Arrow columns (of `arrow_schema()`'s types),
         built a column at a time: each line's groups from the regex, then every column
         converted at once (integers cast by Arrow, each distinct timestamp parsed once,
         only the values holding a backslash unescaped). Gives exactly what `parse_lines`
         gives; where a column cannot be built so (a bad timestamp, an integer too large or
-        of non-ASCII digits), the chunk is parsed by `parse_lines` and rows come back."""
+        of non-ASCII digits), the chunk is parsed by `parse_lines` and rows come back.
+        `escapes=False` says no line holds a backslash (the caller looked): nothing to undo."""
         match = self._match
         matches = list(map(match, lines))
         groups = [m.groups() for m in matches if m is not None]
@@ -294,7 +295,7 @@ class LogFormat:
                 array = pa.array(values, pa.string())
                 if f.kind in (_INT, _LONG):
                     array = array.cast(field.type)  # safe: refuses overflow and non-digits
-                elif array.null_count < len(array) and pc.any(pc.match_substring(array, "\\")).as_py():
+                elif escapes and array.null_count < len(array) and pc.any(pc.match_substring(array, "\\")).as_py():
                     array = pa.array([unescape(v) if v is not None and "\\" in v else v for v in values], pa.string())
                 arrays.append(array)
         except (pa.ArrowException, ValueError, KeyError, IndexError, OverflowError):

@@ -25,7 +25,8 @@ def serve(format_text: str) -> None:
     while (request := receive(stdin)) is not None:
         try:
             text, count = pickle.loads(request)
-            answer = ("ok", log_format.parse_columns(text.split("\n") if count else []))
+            lines = text.split("\n") if count else []
+            answer = ("ok", log_format.parse_columns(lines, escapes="\\" in text))  # one scan of the chunk
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which stops the run
             answer = ("error", f"{type(exc).__name__}: {exc}")
         send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
