@@ -81,6 +81,8 @@ from runner.connector import (
 
 log = logging.getLogger("pipeline.http_log")
 
+OWN_SHARE = 4  # with parse processes, the engine parses at most 1 chunk in OWN_SHARE + 1
+
 __all__ = ["HttpLogSource", "HttpLogSourceTask", "avro_schema_for", "compile_format", "encoding_problems"]
 
 
@@ -174,7 +176,9 @@ class HttpLogSourceTask(SourceTask):
         # A long log is parsed in other processes (see parallel.py): chunks read and handed
         # over, in reading order, with where the file stood after each.
         self.pool: ParsePool | None = None
-        self.ahead: deque[tuple[concurrent.futures.Future, Chunk, dict[str, Any]]] = deque()
+        # (result, chunk, source offsets after it, parsed here rather than by a worker)
+        self.ahead: deque[tuple[concurrent.futures.Future, Chunk, dict[str, Any], bool]] = deque()
+        self.parsed_here = self.parsed_by_workers = 0  # chunks
 
     async def open(self, offsets: dict[str, Any]) -> None:
         self.files.load(offsets)
@@ -202,14 +206,29 @@ class HttpLogSourceTask(SourceTask):
         return batch if batch is not None else Batch([])
 
     async def _poll_parallel(self) -> Batch | None:
-        """`poll` with the parsing in other processes, up to `pool.depth` chunks ahead."""
+        """`poll` with the parsing in other processes, up to `pool.depth` chunks ahead.
+
+        When the next chunk is not parsed yet, the engine would wait for it: it parses a
+        chunk of its own meanwhile (queued behind the workers' chunks, so the order stays
+        the reading order), one at a time and at most one for every `OWN_SHARE` the
+        workers parse: the engine has its own work (encoding, storing, writing) besides."""
         pool = self.pool
-        while len(self.ahead) < pool.depth:
+        while sum(1 for _, _, _, own in self.ahead if not own) < pool.depth:
             read = await asyncio.to_thread(self._read, False)
             if read is None:
                 break
             chunk, offsets = read
-            self.ahead.append((pool.submit(chunk.lines), chunk, offsets))
+            self.ahead.append((pool.submit(chunk.lines), chunk, offsets, False))
+            self.parsed_by_workers += 1
+        if (self.ahead and not self.ahead[0][0].done() and not any(own for *_, own in self.ahead)
+                and self.parsed_here * OWN_SHARE < self.parsed_by_workers):
+            read = await asyncio.to_thread(self._read, False)
+            if read is not None:
+                chunk, offsets = read
+                parsed: concurrent.futures.Future = concurrent.futures.Future()
+                parsed.set_result(await asyncio.to_thread(self.format.parse_columns, chunk.lines))
+                self.ahead.append((parsed, chunk, offsets, True))
+                self.parsed_here += 1
         if not self.ahead:
             if not self.config.follow:
                 return None
@@ -217,14 +236,14 @@ class HttpLogSourceTask(SourceTask):
             read = await asyncio.to_thread(self._read, True)
             if read is None:
                 return Batch([])
-            self.ahead.append((pool.submit(read[0].lines), *read))
-        future, chunk, offsets = self.ahead.popleft()
+            self.ahead.append((pool.submit(read[0].lines), *read, False))
+        future, chunk, offsets, _ = self.ahead.popleft()
         records, bad, kept = await asyncio.wrap_future(future)
         return self._batch(chunk, offsets, records, bad, kept)
 
     async def close(self) -> None:
         if self.pool is not None:
-            for future, _, _ in self.ahead:
+            for future, *_ in self.ahead:
                 future.cancel()
             self.ahead.clear()
             self.pool.close()

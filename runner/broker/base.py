@@ -10,7 +10,7 @@ in both, so a pipeline moved from embedded to Kafka keeps each key in its partit
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,12 +26,17 @@ class TopicPartition:
 
 @dataclass
 class ProduceBatch:
-    """Records for one topic-partition, in order. Parallel lists, one entry per record."""
+    """Records for one topic-partition, in order. Parallel lists, one entry per record.
+
+    `keys` and `values` may also be pyarrow binary arrays (the engine's columnar path
+    makes them so, to build no bytes object per record): the embedded broker stores them
+    as they are; `as_list` gives their Python values where a client wants them.
+    """
 
     topic: str
     partition: int
-    keys: list[bytes | None]
-    values: list[bytes]
+    keys: Sequence[bytes | None]  # or a pyarrow binary array
+    values: Sequence[bytes]  # or a pyarrow binary array
     timestamps: list[int]  # epoch milliseconds
     headers: list[dict[str, bytes]] | None = None
 
@@ -55,6 +60,9 @@ class FetchedBatch:
     values: list[bytes]
     timestamps: list[int]
     headers: list[dict[str, bytes]] | None = None
+    # The values as one binary array too, when the broker has them so (embedded): the
+    # compiled decoder takes it without a bytes object per record.
+    value_array: Any = None
 
     @property
     def next_offset(self) -> int:
@@ -168,3 +176,8 @@ class Broker(Protocol):
     async def groups(self, topic: str) -> list[str]:
         """Groups that have committed offsets for the topic."""
         ...
+
+
+def as_list(values: Any) -> list[Any]:
+    """A ProduceBatch's keys or values as a list (pyarrow arrays become their values)."""
+    return values.to_pylist() if hasattr(values, "to_pylist") else values

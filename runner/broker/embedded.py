@@ -676,15 +676,17 @@ def _read_partitions(
     for tp, pieces in read.items():
         records = pa.Table.from_batches(pieces, schema=COLUMNS)
         headers = records.column("headers")
+        values = records.column("value").combine_chunks()
         out.append(
             FetchedBatch(
                 tp.topic,
                 tp.partition,
                 list(range(ends[tp] - records.num_rows, ends[tp])),
                 records.column("key").to_pylist(),
-                records.column("value").to_pylist(),
+                values.to_pylist(),
                 records.column("timestamp").to_pylist(),
                 None if headers.null_count == len(headers) else [decode_headers(h) for h in headers.to_pylist()],
+                value_array=values,
             )
         )
     return out

@@ -48,11 +48,12 @@ from aiokafka.errors import (
 
 from runner.broker.base import (
     FetchedBatch,
-    Rebalance,
     ProduceBatch,
+    Rebalance,
     SourceOffsetCommit,
     TopicInfo,
     TopicPartition,
+    as_list,
 )
 from runner.broker.kafka_options import KafkaOptions, SecurityOptions, client_settings
 from runner.errors import FatalError, RetryableError
@@ -321,7 +322,7 @@ class KafkaBroker:
         headers = b.headers or [None] * len(b.values)
         batch = self._producer.create_batch()
         try:
-            for key, value, ts, hs in zip(b.keys, b.values, b.timestamps, headers):
+            for key, value, ts, hs in zip(as_list(b.keys), as_list(b.values), b.timestamps, headers):
                 items = (list(hs.items()) + ([tag] if tag else [])) if hs else plain
                 if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
                     futures.append(await self._send_batch(batch, b))

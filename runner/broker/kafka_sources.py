@@ -112,7 +112,7 @@ class KafkaSourceWriter:
                     b.topic, b.partition, b.keys[skip:], b.values[skip:], b.timestamps[skip:],
                     b.headers[skip:] if b.headers else None,
                 )
-            if b.values:
+            if len(b.values):
                 try:
                     acks.append((tp, await self.broker.send_tagged(b, self.tag)))
                 except BaseException:

@@ -38,8 +38,8 @@ COLUMNS = pa.schema(
 
 
 def pack(
-    keys: Sequence[bytes | None],
-    values: Sequence[bytes],
+    keys: Sequence[bytes | None] | pa.Array,
+    values: Sequence[bytes] | pa.Array,
     timestamps: Sequence[int],
     headers: Sequence[dict[str, Any] | None] | None,
 ) -> tuple[int, bytes]:
@@ -49,11 +49,18 @@ def pack(
         [encode_headers(h) for h in headers], pa.string()
     )
     batch = pa.RecordBatch.from_arrays(
-        [pa.array(keys, pa.binary()), pa.array(values, pa.binary()), pa.array(timestamps, pa.int64()), header_texts],
+        [_binary(keys), _binary(values), pa.array(timestamps, pa.int64()), header_texts],
         schema=COLUMNS,
     )
     raw = batch.serialize()
     return raw.size, pa.compress(raw, codec=CODEC, asbytes=True)
+
+
+def _binary(items: Any) -> pa.Array:
+    """Keys or values as a binary array (as they are when they come as one)."""
+    if isinstance(items, pa.Array):
+        return items if items.type == pa.binary() else items.cast(pa.binary())
+    return pa.array(items, pa.binary())
 
 
 def unpack(size: int, payload: bytes) -> pa.RecordBatch:

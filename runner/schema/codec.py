@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runner.schema.arrow import avro_to_arrow
 from runner.schema.serde import (
@@ -56,6 +57,8 @@ except ImportError:  # pragma: no cover - pyruhvro ships wheels for the platform
 __all__ = ["BatchDecoder", "BatchEncoder", "fast_schema"]
 
 NoneType = type(None)
+_EMPTY = pa.scalar(b"", pa.binary())
+_LONGEST = 2**31 - 1  # "to the end" for binary_slice (which has no open end)
 _MISSING = object()  # a key a row lacks (its type is in no field's allowed types)
 
 _HEADER = struct.Struct(">bI")
@@ -130,6 +133,7 @@ class BatchEncoder:
             self._text = json.dumps(schema)
             self._arrow = avro_to_arrow(schema)
             self._header = _HEADER.pack(MAGIC, schema_id)
+            self._header_scalar = pa.scalar(self._header, pa.binary())
             # Per field: its Arrow type and the Python types fastavro takes into it as they
             # are (an int too large for an int field: Arrow refuses it too).
             self._types = [
@@ -153,6 +157,18 @@ class BatchEncoder:
             if batch is not None:
                 return self._frame(pyruhvro.serialize_record_batch(batch, self._text, 1)), []
         return self.rows.encode(rows if rows is not None else columns.to_pylist())
+
+    def encode_columns(self, columns: pa.RecordBatch) -> pa.BinaryArray | None:
+        """The compiled path alone: `columns` as a binary array of Confluent-framed values,
+        one per record, built without a bytes object per record; None when the batch must
+        take the per-record path (`encode`), which finds and names what does not fit."""
+        if not self.fast:
+            return None
+        batch = self._columns(None, columns)
+        if batch is None:
+            return None
+        (bodies,) = pyruhvro.serialize_record_batch(batch, self._text, 1)
+        return pc.binary_join_element_wise(self._header_scalar, bodies, _EMPTY)
 
     def _columns(self, rows: Sequence[Any] | None, columns: pa.RecordBatch | None) -> pa.RecordBatch | None:
         """The records as columns of the schema's Arrow types, or None when the batch must
@@ -248,30 +264,39 @@ class BatchDecoder:
             self._same: dict[int, bool] = {}  # schema id -> written with the reader's schema
 
     def decode(
-        self, values: Sequence[bytes]
+        self, values: Sequence[bytes] | pa.BinaryArray
     ) -> tuple[pa.RecordBatch | None, list[dict[str, Any] | None] | None, list[DecodeFailure]]:
         """(columns, None, []) from the compiled path, or (None, rows, failures) from the
-        per-record path, where a bad value is a None row plus a failure."""
-        if self.fast and values:
+        per-record path, where a bad value is a None row plus a failure. `values` may be a
+        binary array (as the embedded broker stores them): no bytes object per record then
+        on the compiled path."""
+        if self.fast and len(values):
             columns = self._decode_fast(values)
             if columns is not None:
                 return columns, None, []
-        rows, failures = self.rows.decode(values)
+        rows, failures = self.rows.decode(values.to_pylist() if isinstance(values, pa.Array) else values)
         return None, rows, failures
 
-    def _decode_fast(self, values: Sequence[bytes]) -> pa.RecordBatch | None:
+    def _decode_fast(self, values: Sequence[bytes] | pa.BinaryArray) -> pa.RecordBatch | None:
         try:
-            header = values[0][:HEADER_SIZE]
+            header = values[0].as_py()[:HEADER_SIZE] if isinstance(values, pa.Array) else values[0][:HEADER_SIZE]
             magic, schema_id = _HEADER.unpack(header)
         except (struct.error, TypeError):
             return None
         if magic != MAGIC or not self._written_with_reader(schema_id):
             return None
-        bodies = []
-        for value in values:
-            if value[:HEADER_SIZE] != header:
+        if isinstance(values, pa.Array):
+            if values.null_count or not pc.all(pc.equal(pc.binary_slice(values, 0, HEADER_SIZE), header)).as_py():
                 return None  # another schema id, or not framed: the per-record path says which
-            bodies.append(value[HEADER_SIZE:])
+            body_array = pc.binary_slice(values, HEADER_SIZE, _LONGEST)
+            bodies = body_array.to_pylist()
+        else:
+            bodies = []
+            for value in values:
+                if value[:HEADER_SIZE] != header:
+                    return None  # as above
+                bodies.append(value[HEADER_SIZE:])
+            body_array = None
         try:
             decoded = pyruhvro.deserialize_array(bodies, self._text)
             # The compiled reader ignores bytes left over after a record, and may read some
@@ -279,7 +304,9 @@ class BatchDecoder:
             # back exactly the bytes read (one more compiled pass, ~0.2 µs a record);
             # otherwise the per-record path decides, value by value.
             again = pyruhvro.serialize_record_batch(decoded, self._text, 1)
-            if len(again) != 1 or not again[0].equals(pa.array(bodies, pa.binary())):
+            if body_array is None:
+                body_array = pa.array(bodies, pa.binary())
+            if len(again) != 1 or not again[0].equals(body_array):
                 return None
         except Exception:  # a corrupt value: the per-record path finds and names it
             return None

@@ -199,7 +199,9 @@ class SinkRunner:
                 values=fb.values,
             )
             return fetched
-        columns, rows, failures = self.decoders[fb.topic].decode(fb.values)
+        columns, rows, failures = self.decoders[fb.topic].decode(
+            fb.value_array if fb.value_array is not None else fb.values
+        )
         offsets, keys, stamps = fb.offsets, fb.keys, fb.timestamps
         if failures:
             errors = [

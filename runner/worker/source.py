@@ -116,8 +116,13 @@ class SourceRunner:
             if batch.columnar:  # a columnar source: the records stay columns to the topic
                 columns = batch.columns if indexes is None else batch.columns.take(indexes)
                 columns = self._project_columns(topic, columns)
-                values, failures = topic.encoder.encode(columns=columns)
                 keys = _key_column(columns, topic.key)
+                framed = topic.encoder.encode_columns(columns)
+                if framed is not None:  # all fit: no bytes object per record on the way
+                    produce += self._partitioned(topic, keys, framed)
+                    produced += len(framed)
+                    continue
+                values, failures = topic.encoder.encode(columns=columns)
                 record = lambda i, columns=columns: columns.slice(i, 1).to_pylist()[0]
             else:
                 rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
@@ -216,12 +221,15 @@ class SourceRunner:
         error.topic = self.topic.name
         return error
 
-    def _partitioned(self, topic: Topic, keys: list[Any] | pa.Array | None, values: list[bytes]) -> list[ProduceBatch]:
+    def _partitioned(
+        self, topic: Topic, keys: list[Any] | pa.Array | None, values: list[bytes] | pa.Array
+    ) -> list[ProduceBatch]:
         """The records in one produce batch per partition, by their key: a list of the key
-        field's values, or the key column (string or binary: partitioned vectorised)."""
+        field's values, or the key column (string or binary: partitioned vectorised).
+        Values (and keys) given as arrays stay arrays, taken per partition."""
         if isinstance(keys, pa.Array):
             parts = self.partitioner.partition_column(keys, topic.partitions)
-            keys = keys.cast(pa.binary()).to_pylist()
+            keys = keys.cast(pa.binary())
         else:
             keys = [None] * len(values) if keys is None else [_key_bytes(k) for k in keys]
             parts = np.asarray(self.partitioner.partition(keys, topic.partitions), dtype=np.int64)
@@ -231,11 +239,16 @@ class SourceRunner:
         order = np.argsort(parts, kind="stable")
         bounds = np.searchsorted(parts[order], np.arange(topic.partitions + 1))
         for p in range(topic.partitions):
-            picked = order[bounds[p] : bounds[p + 1]].tolist()
-            if picked:
-                out.append(ProduceBatch(topic.name, p, [keys[i] for i in picked], [values[i] for i in picked],
-                                        [now] * len(picked)))
+            picked = order[bounds[p] : bounds[p + 1]]
+            if len(picked):
+                out.append(ProduceBatch(topic.name, p, _pick(keys, picked), _pick(values, picked), [now] * len(picked)))
         return out
+
+
+def _pick(items: list[Any] | pa.Array, indexes: np.ndarray) -> list[Any] | pa.Array:
+    if isinstance(items, pa.Array):
+        return items.take(pa.array(indexes))
+    return [items[i] for i in indexes.tolist()]
 
 
 def _key_column(columns: pa.RecordBatch, name: str | None) -> pa.Array | list[Any] | None:

@@ -77,6 +77,8 @@ def read_all(tmp_path, *, processes: bool, offsets=None, **config):
     """What an http_log task gives, parsing in a worker process or in place."""
     task = source_task(tmp_path, parse_processes=1 if processes else 0, **config)
     batches = drain(task, offsets)
+    if processes and not offsets:  # the worker parsed, and the engine too while it waited for it
+        assert task.parsed_by_workers and task.parsed_here, (task.parsed_by_workers, task.parsed_here)
     return [
         (b.rows, [(e.error, e.record, e.position) for e in b.errors], list(b.positions), b.source_offsets)
         for b in batches

@@ -198,6 +198,7 @@ def test_encoding_matches_fastavro_byte_for_byte(data):
         # The same records given as columns (a columnar source) give the same bytes.
         columns = pa.RecordBatch.from_pylist(rows, schema=encoder._arrow)
         assert encoder.encode(columns=columns) == (expected, [])
+        assert encoder.encode_columns(columns).to_pylist() == expected  # as one binary array
 
 
 @SETTINGS
@@ -220,12 +221,13 @@ def test_decoding_matches_fastavro(data):
     assume(not failures)
     expected, _ = AvroDecoder(registry(schema), schema).decode(values)
     decoder = BatchDecoder(registry(schema), schema)
-    columns, decoded, failures = decoder.decode(values)
-    assert failures == []
-    if fast_schema(schema) is not None:
-        assert columns is not None, "a fast schema took the per-record path"
-        decoded = columns.to_pylist()
-    assert same(decoded, expected)
+    for given in (values, pa.array(values, pa.binary())):  # a list, or a binary array (embedded)
+        columns, decoded, failures = decoder.decode(given)
+        assert failures == []
+        if fast_schema(schema) is not None:
+            assert columns is not None, "a fast schema took the per-record path"
+            decoded = columns.to_pylist()
+        assert same(decoded, expected)
 
 
 @SETTINGS
@@ -246,11 +248,12 @@ def test_corrupt_values_fail_as_in_fastavro(data):
     else:
         values[i] = values[i][:5] + data.draw(st.binary(max_size=12))  # garbage body
     expected, expected_failures = AvroDecoder(registry(schema), schema).decode(values)
-    columns, decoded, failures = BatchDecoder(registry(schema), schema).decode(values)
-    if columns is not None:
-        decoded, failures = columns.to_pylist(), []
-    assert [f.index for f in failures] == [f.index for f in expected_failures]
-    assert same(decoded, expected)
+    for given in (values, pa.array(values, pa.binary())):
+        columns, decoded, failures = BatchDecoder(registry(schema), schema).decode(given)
+        if columns is not None:
+            decoded, failures = columns.to_pylist(), []
+        assert [f.index for f in failures] == [f.index for f in expected_failures]
+        assert same(decoded, expected)
 
 
 # -- examples ------------------------------------------------------------------------------
@@ -300,5 +303,6 @@ def test_columns_of_other_widths_are_cast_and_lossy_casts_refused():
     wide = pa.RecordBatch.from_pylist(rows)  # status int64, timestamp us
     assert encoder.encode(columns=wide) == (expected, [])
     too_big = pa.RecordBatch.from_pylist([{**rows[0], "status": 2**40}])
+    assert encoder.encode_columns(too_big) is None  # the per-record path must name it
     values, failures = encoder.encode(columns=too_big)
     assert values == [None] and failures[0].field == "status"
