@@ -30,7 +30,7 @@ def broker(kafka: Tansu) -> str:
 
 @pytest.mark.slow
 def test_two_processes_share_partitions_and_one_takes_over_after_kill_9(tmp_path: Path, kafka: Tansu) -> None:
-    count = 120_000
+    count = 300_000  # enough that the first member is still writing when the second joins (~3 s on Tansu)
     subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "generate_access_logs.py"), "--lines", str(count),
          "--out", str(tmp_path / "logs"), "--rotate", "0", "--malformed-every", "0", "--seed", "4"],

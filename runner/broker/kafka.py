@@ -160,7 +160,10 @@ class KafkaBroker:
         """An idempotent producer (a batch retried after a lost acknowledgement is not
         written twice), unless the cluster cannot give out producer ids: then a plain one,
         with a warning. `producer: {enable_idempotence: false}` asks for a plain one."""
-        extra = dict(self.options.producer)
+        # Record batches of up to 512 KiB, not aiokafka's 16 KiB: a produce call sends
+        # thousands of records, about 70 activity records to a 16 KiB batch (and a request
+        # each); 512 KiB stays under a broker's default message.max.bytes (1 MiB).
+        extra = {"max_batch_size": 512 * 1024, **self.options.producer}
         asked = "enable_idempotence" in extra
         if extra.pop("enable_idempotence", True):
             producer = AIOKafkaProducer(**self.settings, acks="all", enable_idempotence=True, **extra)
