@@ -13,7 +13,7 @@ directory (as `pipeline consume` reads it) fetches new records every --observe-m
 notes when each marker first shows up in the raw record values. Latency = seen - appended;
 it includes up to one observer period. The run is then stopped with SIGINT.
 
---poll-interval sets the http_log source's `poll_interval` (default 0.5 s) for experiments.
+--poll-interval sets the http_log source's `poll_interval` (default 0.1 s) for experiments.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from connectors.http_log import HttpLogSource
 from runner.broker.embedded import EmbeddedBroker
 from runner.errors import FatalError
 
@@ -153,7 +154,8 @@ def main() -> None:
         code = proc.wait(timeout=30)
         latencies = [(seen[i] - t) * 1000 for i, t in appended.items() if i in seen]
         cycle = [c * 1000 for c in observer.cycles]
-        print(f"poll_interval: {args.poll_interval if args.poll_interval is not None else 'default (0.5 s)'}")
+        default = HttpLogSource.Config.parse({"paths": ["x"]}).poll_interval
+        print(f"poll_interval: {args.poll_interval if args.poll_interval is not None else f'default ({default} s)'}")
         print(f"lines appended {len(appended)}, seen in topic {len(latencies)}")
         if latencies:
             print("latency ms: " + "  ".join(f"{name} {pct(latencies, p):.0f}" for name, p in
