@@ -11,8 +11,8 @@ import asyncio
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runner.batch import Batch
 from runner.broker.base import ProduceBatch, SourceWriter
@@ -232,23 +232,20 @@ class SourceRunner:
             keys = keys.cast(pa.binary())
         else:
             keys = [None] * len(values) if keys is None else [_key_bytes(k) for k in keys]
-            parts = np.asarray(self.partitioner.partition(keys, topic.partitions), dtype=np.int64)
+            parts = pa.array(self.partitioner.partition(keys, topic.partitions), pa.int64())
         now = int(time.time() * 1000)
         out = []
-        # Each partition's records, in their order (a stable sort keeps order per key).
-        order = np.argsort(parts, kind="stable")
-        bounds = np.searchsorted(parts[order], np.arange(topic.partitions + 1))
         for p in range(topic.partitions):
-            picked = order[bounds[p] : bounds[p + 1]]
+            picked = pc.indices_nonzero(pc.equal(parts, pa.scalar(p, pa.int64())))  # ascending: in order
             if len(picked):
                 out.append(ProduceBatch(topic.name, p, _pick(keys, picked), _pick(values, picked), [now] * len(picked)))
         return out
 
 
-def _pick(items: list[Any] | pa.Array, indexes: np.ndarray) -> list[Any] | pa.Array:
+def _pick(items: list[Any] | pa.Array, indexes: pa.Array) -> list[Any] | pa.Array:
     if isinstance(items, pa.Array):
-        return items.take(pa.array(indexes))
-    return [items[i] for i in indexes.tolist()]
+        return items.take(indexes)
+    return [items[i] for i in indexes.to_pylist()]
 
 
 def _key_column(columns: pa.RecordBatch, name: str | None) -> pa.Array | list[Any] | None:

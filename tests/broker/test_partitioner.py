@@ -95,3 +95,27 @@ def test_partition_keys_module_function() -> None:
     assert parts[0] == parts[3] == partition_for(b"a", 3)
     assert parts[1] == partition_for(b"b", 3)
     assert 0 <= parts[2] < 3
+
+
+def test_the_column_hash_is_kafkas_murmur2_bit_for_bit() -> None:
+    """The vectorised murmur2 (pyarrow.compute, for columnar batches) against the scalar one,
+    on random bytes of every length 0..40, on text, on a slice (an array with an offset),
+    with null keys on the sticky partition."""
+    import random
+
+    import pyarrow as pa
+
+    from runner.broker.partitioner import murmur2_column, partition_column
+
+    rng = random.Random(7)
+    keys = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))) for _ in range(5000)]
+    hashed = murmur2_column(pa.array(keys, pa.binary())).to_pylist()
+    assert [h - (1 << 32) if h & 0x80000000 else h for h in hashed] == [murmur2(k) for k in keys]
+    texts = [f"192.0.{rng.randint(0, 255)}.{rng.randint(0, 255)}" for _ in range(1000)] + ["", "ä😀"]
+    column = pa.array([*texts, None])
+    assert partition_column(column, 6, 4).to_pylist() == [partition_for(t.encode(), 6) for t in texts] + [4]
+    assert partition_column(column.slice(3, 50), 5, 0).to_pylist() == [partition_for(t.encode(), 5) for t in texts[3:53]]
+    assert murmur2_column(pa.array([], pa.binary())).to_pylist() == []
+    sticky = Partitioner()
+    assert sticky.partition_column(pa.array([None, None], pa.string()), 3).to_pylist() == [0, 0]
+    assert sticky.partition_column(pa.array([None], pa.string()), 3).to_pylist() == [1]  # moves on, as partition()
