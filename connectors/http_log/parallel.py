@@ -66,10 +66,13 @@ class _Worker:
     """One worker process, a thread writing its requests and one reading its answers."""
 
     def __init__(self, format: str) -> None:
+        # The worker imports what the engine imported, from where the engine found it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "connectors.http_log.parse_worker", format],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env=env,
         )
         self.requests: queue.Queue[bytes | None] = queue.Queue()
         self.waiting: deque[concurrent.futures.Future] = deque()
