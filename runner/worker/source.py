@@ -122,8 +122,10 @@ class SourceRunner:
                     produce += self._partitioned(topic, keys, framed)
                     produced += len(framed)
                     continue
-                values, failures = topic.encoder.encode(columns=columns)
-                record = lambda i, columns=columns: columns.slice(i, 1).to_pylist()[0]
+                # Some record may not fit: the per-record path finds and names it.
+                rows = columns.to_pylist()
+                values, failures = topic.encoder.rows.encode(rows)
+                record = rows.__getitem__
             else:
                 rows = batch.rows if indexes is None else [batch.rows[i] for i in indexes]
                 self._project(topic, rows)

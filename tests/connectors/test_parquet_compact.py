@@ -18,11 +18,13 @@ import pytest
 
 import connectors.parquet.compact as compact_mod
 import connectors.parquet.task as task_mod
-from connectors.parquet import ParquetSink, files as pfiles
+from connectors.parquet import ParquetSink
+from connectors.parquet import files as pfiles
 from runner.batch import Batch
 from runner.connector import TopicPartition
 from runner.schema.arrow import avro_to_arrow
 from tests.connectors.tasks import context as shared_context
+from tests.connectors.test_parquet import Crash, crash_on_call
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,26 +109,6 @@ def resume(tmp: Path, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
             await task.close()
 
     return asyncio.run(main())
-
-
-class Crash(BaseException):
-    """Stands for kill -9."""
-
-
-def crash_on_call(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call: int, *, after: bool) -> None:
-    real = getattr(target, name)
-    calls = {"n": 0}
-
-    def fake(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == call and not after:
-            raise Crash(name)
-        result = real(*args, **kwargs)
-        if calls["n"] == call:
-            raise Crash(name)
-        return result
-
-    monkeypatch.setattr(target, name, fake)
 
 
 # One partition, 1,500 rows over hours 12, 13 and 14 in groups of 50, merged into one group
