@@ -132,8 +132,7 @@ class BatchEncoder:
         if self.fast:
             self._text = json.dumps(schema)
             self._arrow = avro_to_arrow(schema)
-            self._header = _HEADER.pack(MAGIC, schema_id)
-            self._header_scalar = pa.scalar(self._header, pa.binary())
+            self._header_scalar = pa.scalar(_HEADER.pack(MAGIC, schema_id), pa.binary())
             # Per field: its Arrow type and the Python types fastavro takes into it as they
             # are (an int too large for an int field: Arrow refuses it too).
             self._types = [
@@ -155,7 +154,7 @@ class BatchEncoder:
         if self.fast:
             batch = self._columns(rows, columns)
             if batch is not None:
-                return self._frame(pyruhvro.serialize_record_batch(batch, self._text, 1)), []
+                return self._framed(batch).to_pylist(), []
         return self.rows.encode(rows if rows is not None else columns.to_pylist())
 
     def encode_columns(self, columns: pa.RecordBatch) -> pa.BinaryArray | None:
@@ -165,10 +164,7 @@ class BatchEncoder:
         if not self.fast:
             return None
         batch = self._columns(None, columns)
-        if batch is None:
-            return None
-        (bodies,) = pyruhvro.serialize_record_batch(batch, self._text, 1)
-        return pc.binary_join_element_wise(self._header_scalar, bodies, _EMPTY)
+        return None if batch is None else self._framed(batch)
 
     def _columns(self, rows: Sequence[Any] | None, columns: pa.RecordBatch | None) -> pa.RecordBatch | None:
         """The records as columns of the schema's Arrow types, or None when the batch must
@@ -207,9 +203,10 @@ class BatchEncoder:
             arrays.append(pa.array(values, arrow_type))
         return pa.RecordBatch.from_arrays(arrays, schema=self._arrow)
 
-    def _frame(self, bodies: list[pa.BinaryArray]) -> list[bytes]:
-        header = self._header
-        return [header + body for chunk in bodies for body in chunk.to_pylist()]
+    def _framed(self, batch: pa.RecordBatch) -> pa.BinaryArray:
+        """Compiled: the Avro bodies of `batch`, each behind the Confluent header."""
+        (bodies,) = pyruhvro.serialize_record_batch(batch, self._text, 1)
+        return pc.binary_join_element_wise(self._header_scalar, bodies, _EMPTY)
 
 
 def _conform(columns: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch | None:
