@@ -139,6 +139,8 @@ def consume(
                     rows, failures = decoder.decode(fb.values)
                     bad = {f.index: f.error for f in failures}
                     for i, row in enumerate(rows):
+                        if count == max_records:  # a fetch may hold more than asked
+                            break
                         value = row if i not in bad else {"error": bad[i]}
                         if meta:
                             key = fb.keys[i]

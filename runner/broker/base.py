@@ -91,8 +91,9 @@ class Consumer(Protocol):
     async def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
     async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
-        """Up to `max_records` records from the current positions, grouped per partition;
-        waits up to `timeout` seconds when nothing is available, then returns []."""
+        """About `max_records` records from the current positions, grouped per partition
+        (Kafka hands out whole record batches, so a fetch may hold more; the fetch size
+        bounds it); waits up to `timeout` seconds when nothing is available, then returns []."""
         ...
 
     async def position(self, tp: TopicPartition) -> int: ...

@@ -27,12 +27,15 @@ Spec::
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import logging
 import re
 import ssl
 from typing import Any
 
+import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -55,10 +58,18 @@ from runner.broker.base import (
     TopicPartition,
     as_list,
 )
+from runner.broker.kafka_fetch import RUNS, install
 from runner.broker.kafka_options import KafkaOptions, SecurityOptions, client_settings
 from runner.errors import FatalError, RetryableError
 
 log = logging.getLogger("pipeline.kafka")
+
+# A record's largest encoding beyond its key and value (Kafka's v2 format: length, attributes,
+# timestamp and offset deltas, key and value lengths, header count, as varints), a record
+# batch's header, and room for the tag and count headers of a source task's first record.
+RECORD_OVERHEAD, BATCH_OVERHEAD, TAG_OVERHEAD = 40, 61, 256
+COUNT_HEADER = "pipeline.count"
+install()  # consumers made with value_deserializer=RUNS fetch runs of records (kafka_fetch.py)
 
 
 def reason(exc: BaseException) -> str:
@@ -164,6 +175,7 @@ class KafkaBroker:
         # thousands of records, about 70 activity records to a 16 KiB batch (and a request
         # each); 512 KiB stays under a broker's default message.max.bytes (1 MiB).
         extra = {"max_batch_size": 512 * 1024, **self.options.producer}
+        self._batch_bytes = extra["max_batch_size"]
         asked = "enable_idempotence" in extra
         if extra.pop("enable_idempotence", True):
             producer = AIOKafkaProducer(**self.settings, acks="all", enable_idempotence=True, **extra)
@@ -317,20 +329,41 @@ class KafkaBroker:
 
     async def _send(self, b: ProduceBatch, tag: tuple[str, bytes] | None = None) -> list[asyncio.Future]:
         """Send one topic-partition's records as few Kafka batches as fit; the futures of
-        their acknowledgements (each gives the batch's end offset). `tag` is a header added
-        to every record."""
+        their acknowledgements (each gives the batch's end offset). With a `tag`, the first
+        record of each Kafka batch carries it and the batch's record count (`kafka_sources`)."""
         assert self._producer is not None
+        keys, values, stamps = as_list(b.keys), as_list(b.values), b.timestamps
+        headers = [list(h.items()) if h else [] for h in b.headers] if b.headers else [[]] * len(values)
         futures = []
-        plain = [tag] if tag else None  # one list shared by every record without headers
-        headers = b.headers or [None] * len(b.values)
-        batch = self._producer.create_batch()
         try:
-            for key, value, ts, hs in zip(as_list(b.keys), as_list(b.values), b.timestamps, headers):
-                items = (list(hs.items()) + ([tag] if tag else [])) if hs else plain
-                if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
+            if tag is None:
+                futures += await self._send_records(b, keys, values, stamps, headers)
+            else:
+                # Batches cut where they certainly fit: the count goes in before the rest.
+                start = 0
+                for end in self._batch_ends(b, headers):
+                    first = [*headers[start], tag, (COUNT_HEADER, str(end - start).encode())]
+                    sent = await self._send_records(b, keys[start:end], values[start:end], stamps[start:end],
+                                                    [first, *headers[start + 1:end]])
+                    if len(sent) != 1:  # cannot happen with _batch_ends right: the count would be wrong
+                        raise FatalError(f"kafka: {end - start} records to {b.topic!r} did not fit one batch")
+                    futures += sent
+                    start = end
+        except BaseException:
+            await asyncio.gather(*futures, return_exceptions=True)  # none left unawaited
+            raise
+        return futures
+
+    async def _send_records(self, b: ProduceBatch, keys: list[Any], values: list[Any], stamps: list[int],
+                            headers: list[list[tuple[str, bytes]]]) -> list[asyncio.Future]:
+        futures = []
+        try:
+            batch = self._producer.create_batch()
+            for key, value, ts, hs in zip(keys, values, stamps, headers):
+                if batch.append(key=key, value=value, timestamp=ts, headers=hs) is None:
                     futures.append(await self._send_batch(batch, b))
                     batch = self._producer.create_batch()
-                    if batch.append(key=key, value=value, timestamp=ts, headers=items) is None:
+                    if batch.append(key=key, value=value, timestamp=ts, headers=hs) is None:
                         raise FatalError(f"a record of {b.topic!r} is larger than the producer's max batch size")
             if batch.record_count():
                 futures.append(await self._send_batch(batch, b))
@@ -338,6 +371,26 @@ class KafkaBroker:
             await asyncio.gather(*futures, return_exceptions=True)  # none left unawaited
             raise
         return futures
+
+    def _batch_ends(self, b: ProduceBatch, headers: list[list[tuple[str, bytes]]]) -> list[int]:
+        """Where the Kafka batches of `b` end (exclusive indexes): as many records as
+        certainly fit `max_batch_size`, each counted at its largest encoding. A record alone
+        in its batch always fits."""
+        sizes = [RECORD_OVERHEAD + n for n in _lengths(b.values)]
+        for i, k in enumerate(_lengths(b.keys)):
+            sizes[i] += k
+        if b.headers:
+            for i, hs in enumerate(headers):
+                sizes[i] += sum(10 + len(k.encode()) + len(v or b"") for k, v in hs)
+        room = self._batch_bytes - BATCH_OVERHEAD - TAG_OVERHEAD
+        totals = list(itertools.accumulate(sizes))
+        ends, done = [], 0
+        while len(ends) == 0 or ends[-1] < len(sizes):
+            start = ends[-1] if ends else 0
+            end = max(start + 1, bisect.bisect_right(totals, done + room))
+            ends.append(end)
+            done = totals[end - 1]
+        return ends
 
     async def _send_batch(self, batch: Any, b: ProduceBatch) -> asyncio.Future:
         count = batch.record_count()
@@ -386,8 +439,8 @@ class KafkaBroker:
             raise _error(exc, "store source offsets") from exc
 
     async def count_tagged(self, starts: dict[tuple[str, int], int], tag: tuple[str, bytes]) -> dict[tuple[str, int], tuple[int, int]]:
-        """Per (topic, partition): how many records carry the header `tag` from offset
-        `starts[...]` to the partition's end, and the offset after the last of them."""
+        """Per (topic, partition): how many records `send_tagged` sent with `tag` from
+        offset `starts[...]` to the partition's end, and the offset after the last of them."""
         ends: dict[tuple[str, int], int] = {}
         for topic in {t for t, _ in starts}:
             for p, end in enumerate(await self.end_offsets(topic)):
@@ -413,7 +466,10 @@ class KafkaBroker:
                     count, after = found.get(key, (0, 0))
                     for r in records:
                         if tag in (r.headers or ()):
-                            count, after = count + 1, r.offset + 1
+                            # A Kafka batch's first record counts the batch; a tag without a
+                            # count (each record tagged, as earlier versions wrote) counts 1.
+                            n = int(dict(r.headers).get(COUNT_HEADER, b"1"))
+                            count, after = count + n, r.offset + n
                     if count:
                         found[key] = (count, after)
                 for ktp in list(waiting):
@@ -509,6 +565,13 @@ async def _settle(futures: list[asyncio.Future]) -> None:
             raise result
 
 
+def _lengths(items: Any) -> list[int]:
+    """Byte lengths of keys or values (a list, or a binary array), 0 for None."""
+    if hasattr(items, "to_pylist"):
+        return pc.fill_null(pc.binary_length(items), 0).to_pylist()
+    return [len(x) if x is not None else 0 for x in items]
+
+
 def _is_control_topic(name: str) -> bool:
     return name.startswith("_pipeline-") and name.endswith("-source-tasks")  # see worker.SourceGroup
 
@@ -560,6 +623,7 @@ class KafkaConsumer:
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            value_deserializer=RUNS,
             **settings,
         )
         self._join_timeout = settings["session_timeout_ms"] / 1000 * 3
@@ -608,24 +672,24 @@ class KafkaConsumer:
 
     async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
         try:
-            got = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+            # A run is one record batch; the fetch size bounds how many come at once.
+            got = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
         except Exception as exc:
             raise _error(exc, "fetch") from exc
         out = []
-        for tp, records in got.items():
-            if not records:
+        for tp, runs in got.items():
+            if not runs:
                 continue
-            out.append(
-                FetchedBatch(
-                    tp.topic,
-                    tp.partition,
-                    [r.offset for r in records],
-                    [r.key for r in records],
-                    [r.value for r in records],
-                    [r.timestamp for r in records],
-                    [dict(r.headers) for r in records] if any(r.headers for r in records) else None,
-                )
-            )
+            headers = None
+            if any(run.headers for run in runs):
+                headers = [dict(h) for run in runs for h in (run.headers or [()] * len(run.offsets))]
+            first = runs[0]
+            for run in runs[1:]:
+                first.offsets += run.offsets
+                first.keys += run.keys
+                first.values += run.values
+                first.timestamps += run.timestamps
+            out.append(FetchedBatch(tp.topic, tp.partition, first.offsets, first.keys, first.values, first.timestamps, headers))
         return out
 
     async def position(self, tp: TopicPartition) -> int:

@@ -5,7 +5,10 @@ offsets commit together. Not every Kafka-protocol broker has transactions (the T
 build the tests run has not), so a source task's writer does it with what every broker
 has:
 
-- Every record a task writes carries the header `pipeline.task` = "<pipeline>/<source>/<n>".
+- The first record of every Kafka record batch a task writes carries the headers
+  `pipeline.task` = "<pipeline>/<source>/<n>" and `pipeline.count` = the batch's record
+  count. A record batch is appended whole or not at all, so the pair marks every record of
+  the batch (one header per batch, not per record: cheaper to write, store and read).
 - With its source offsets the task stores a checkpoint: for each partition of the topics
   it writes, the offset after its last record there. Offsets and checkpoint are one
   record of the offsets topic (key `[pipeline, source, "task", n]`), so they are stored

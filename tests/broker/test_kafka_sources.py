@@ -135,3 +135,45 @@ def test_a_crash_before_the_first_commit_and_twice_in_a_row(kafka: Tansu) -> Non
         assert await topic_values(kafka.bootstrap) == expected(3)
 
     run(main, timeout=80)
+
+
+@pytest.mark.timeout(90)
+def test_the_tag_marks_each_kafka_batch_once_with_its_count_and_old_per_record_tags_still_count(kafka: Tansu) -> None:
+    async def main() -> None:
+        # 1 KiB record batches: 60 records of ~20 bytes make several, a 3 KiB record one alone.
+        b = await open_broker(kafka, {"t": 1}, producer={"max_batch_size": 1024})
+        try:
+            writer = b.source_writer("src", 0, ["t"])
+            values = [b"r%02d" % i + b"." * 16 for i in range(30)] + [b"x" * 3000] + [b"s%02d" % i for i in range(29)]
+            await asyncio.gather(*await b.send_tagged(ProduceBatch("t", 0, [None] * 60, values, [1] * 60), writer.tag))
+            # Records tagged one by one, as earlier versions wrote them, count one each.
+            old = await b._send_records(ProduceBatch("t", 0, [], [], []), [None] * 3, [b"o1", b"o2", b"o3"],
+                                        [1, 1, 1], [[writer.tag]] * 3)
+            await asyncio.gather(*old)
+            assert await b.count_tagged({("t", 0): 0}, writer.tag) == {("t", 0): (63, 63)}
+            assert await b.count_tagged({("t", 0): 60}, writer.tag) == {("t", 0): (3, 63)}
+        finally:
+            await b.close()
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition("t", 0)])
+            consumer.seek(TopicPartition("t", 0), 0)
+            records = []
+            while len(records) < 63:
+                for got in (await consumer.getmany(timeout_ms=1000)).values():
+                    records += got
+        finally:
+            await consumer.stop()
+        assert [r.value for r in records[:60]] == values
+        counts = [(r.offset, dict(r.headers)) for r in records[:60] if r.headers]
+        assert len(counts) > 3  # several batches, each marked on its first record only
+        assert all(h == {"pipeline.task": writer.tag[1], "pipeline.count": h["pipeline.count"]} for _, h in counts)
+        # The marks' counts tile the records: each batch starts where the one before ended.
+        starts = [offset for offset, _ in counts]
+        assert starts[0] == 0
+        assert [s + int(h["pipeline.count"]) for s, h in counts] == starts[1:] + [60]
+        assert (30, {"pipeline.task": writer.tag[1], "pipeline.count": b"1"}) in counts  # the large one, alone
+
+    run(main, timeout=80)
