@@ -26,7 +26,7 @@ def serve(format_text: str) -> None:
         try:
             text, count = pickle.loads(request)
             lines = text.split("\n") if count else []
-            answer = ("ok", log_format.parse_columns(lines, escapes="\\" in text))  # one scan of the chunk
+            answer = ("ok", log_format.parse_columns(lines, escapes="\\" in text, text=text))  # one scan of the chunk
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which stops the run
             answer = ("error", f"{type(exc).__name__}: {exc}")
         send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))

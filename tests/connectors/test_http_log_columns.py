@@ -53,6 +53,70 @@ def test_columns_give_exactly_what_rows_give(fmt: str, texts: list[str]) -> None
     assert (records, column_errors, column_kept) == (rows, errors, kept)
 
 
+# Formats with every kind of fragment: nullable fields, %r quoted and not, %U%q, headers, %t.
+RE2_FORMATS = [
+    *sorted(NAMED_FORMATS),
+    r"%h %l %u %t %r %>s %b",
+    r"%h %U%q %>s %{X-Forwarded-For}i %D",
+    r"%v:%p %a \"%m %U%q %H\" %s %O %{Referer}i",
+]
+# Printable ASCII and tabs (what RE2 splits), hostile: lone and leading dashes, empty
+# fields, quotes, escapes, controls both engines take alike; then what only re may split.
+ASCII_PIECES = ["-", "", "-x", "--", "200", "007", "2147483648", "abc", "a b", "a\tb", '"q"', r'\"', "\\",
+                "GET / HTTP/1.1", "GET  HTTP/1.1", "get x HTTP/1.1", "?a=b", "?", "/p?x", "x\x01y", "\x0c", "\r"]
+OTHER_PIECES = ["\x0b", "\x1c", "\x1f", "ü", "١٢٣", "\x85", "\xa0"]
+TIME_PIECES = ["[10/Oct/2000:13:55:36 -0700]", "[31/Feb/2024:00:00:00 +0000]", "[10/Oct/2000:13:55:36]", "-"]
+
+
+@st.composite
+def format_lines(draw, fmt: str, pieces: list[str]) -> str:
+    """A line of `fmt`: its literal text, and a random piece for each directive."""
+    from connectors.http_log.formats import _tokens
+
+    out = []
+    for kind, value in _tokens(NAMED_FORMATS.get(fmt, fmt)):
+        if kind == "lit":
+            out.append(value)
+        else:
+            out.append(draw(st.sampled_from(TIME_PIECES if value[1] == "t" else pieces)))
+    line = "".join(out)
+    return draw(st.sampled_from([line, line, line, line + " \t", "", "  ", "garbage"]))
+
+
+@st.composite
+def chunks(draw, pieces: list[str]) -> tuple[str, list[str]]:
+    fmt = draw(st.sampled_from(RE2_FORMATS))
+    return fmt, draw(st.lists(format_lines(fmt, pieces), max_size=8))
+
+
+@settings(max_examples=int(os.environ.get("COLUMNS_EXAMPLES", 300)), deadline=None)
+@given(chunks(ASCII_PIECES))
+def test_a_chunk_split_by_re2_gives_exactly_what_rows_give(chunk: tuple[str, list[str]]) -> None:
+    fmt, texts = chunk
+    log_format = compile_format(fmt)
+    if texts:
+        assert log_format._split_re2(texts) is not None  # the property is about RE2's split
+    rows, errors, kept = log_format.parse_lines(texts)
+    records, column_errors, column_kept = log_format.parse_columns(texts)
+    if isinstance(records, pa.RecordBatch):
+        records = records.to_pylist()
+    assert (records, column_errors, column_kept) == (rows, errors, kept)
+
+
+@settings(max_examples=int(os.environ.get("COLUMNS_EXAMPLES", 300)) // 3, deadline=None)
+@given(chunks(ASCII_PIECES + OTHER_PIECES))
+def test_a_chunk_re2_could_split_otherwise_is_split_by_re(chunk: tuple[str, list[str]]) -> None:
+    fmt, texts = chunk
+    log_format = compile_format(fmt)
+    if any(not line.isascii() or any(c in line for c in "\x0b\x1c\x1d\x1e\x1f") for line in texts):
+        assert log_format._split_re2(texts) is None
+    rows, errors, kept = log_format.parse_lines(texts)
+    records, column_errors, column_kept = log_format.parse_columns(texts)
+    if isinstance(records, pa.RecordBatch):
+        records = records.to_pylist()
+    assert (records, column_errors, column_kept) == (rows, errors, kept)
+
+
 def test_a_plain_chunk_comes_back_as_columns() -> None:
     log_format = compile_format("combined")
     line = '203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] "GET /caf\\xc3\\xa9 HTTP/1.1" 200 - "-" "curl/8"'
