@@ -494,7 +494,10 @@ def parse_clf_time(s: str) -> datetime:
     month = _MONTHS.get(s[3:6]) or _MONTHS[s[3:6].title()]
     offset = int(s[22:24]) * 3600 + int(s[24:26]) * 60
     t = datetime(int(s[7:11]), month, int(s[0:2]), int(s[12:14]), int(s[15:17]), int(s[18:20]), tzinfo=_UTC)
-    return t - timedelta(seconds=offset) if s[21] == "+" else t + timedelta(seconds=offset)
+    try:
+        return t - timedelta(seconds=offset) if s[21] == "+" else t + timedelta(seconds=offset)
+    except OverflowError:  # 31/Dec/9999 west of UTC: a bad timestamp like any other
+        raise ValueError(f"{s!r} is out of the range of dates") from None
 
 
 # A run of \xhh escapes (decoded together: one character may take several bytes), or one

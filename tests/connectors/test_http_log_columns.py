@@ -21,7 +21,8 @@ HOSTS = st.sampled_from(["203.0.113.7", "-", "host.example", "::1", "", "a b"])
 TIMES = st.sampled_from([
     "10/Oct/2000:13:55:36 -0700", "10/OCT/2000:13:55:36 +0130", "29/Feb/2024:00:00:00 +0000",
     "31/Feb/2024:00:00:00 +0000", "10/Oct/2000:25:00:00 +0000", "01/Jan/1970:00:00:00 +0000",
-    "10/Oct/2000:13:55:36 +0099", "10/Xyz/2000:13:55:36 +0000",
+    "10/Oct/2000:13:55:36 +0099", "10/Xyz/2000:13:55:36 +0000", "31/Dec/9999:23:59:59 -0100",
+    "01/Jan/0001:00:00:00 +0100", "01/Jan/0000:00:00:00 +0000",
 ])
 REQUESTS = st.sampled_from([
     "GET / HTTP/1.1", "GET /a?b=c HTTP/2.0", "-", "", r"\x16\x03\x01\x02\x00\x01", "GET  HTTP/1.1",
@@ -125,6 +126,15 @@ def test_a_plain_chunk_comes_back_as_columns() -> None:
     first = records.to_pylist()[0]
     assert first["path"] == "/café" and first["bytes"] is None and first["referrer"] is None
     assert first["timestamp"] == dt.datetime(2000, 10, 10, 20, 55, 36, tzinfo=dt.timezone.utc)
+
+
+def test_a_timestamp_at_the_edge_of_the_dates_is_a_bad_line_not_a_crash() -> None:
+    ok = '203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] "GET / HTTP/1.1" 200 5'
+    edge = '203.0.113.7 - - [31/Dec/9999:23:59:59 -0100] "GET / HTTP/1.1" 200 5'
+    for parse in (compile_format("common").parse_lines, compile_format("common").parse_columns):
+        records, errors, kept = parse([ok, edge, ok])
+        assert errors == [(1, "bad timestamp '31/Dec/9999:23:59:59 -0100' in a line of format common")]
+        assert kept == [0, 2] and len(records) == 2
 
 
 def test_a_status_too_large_for_its_column_comes_back_as_rows() -> None:
