@@ -68,7 +68,8 @@ log = logging.getLogger("pipeline.kafka")
 # timestamp and offset deltas, key and value lengths, header count, as varints), a record
 # batch's header, and room for the tag and count headers of a source task's first record.
 RECORD_OVERHEAD, BATCH_OVERHEAD, TAG_OVERHEAD = 40, 61, 256
-COUNT_HEADER = "pipeline.count"
+TASK_HEADER, COUNT_HEADER = "pipeline.task", "pipeline.count"  # a source task's marks (kafka_sources)
+_MARKS = frozenset((TASK_HEADER, COUNT_HEADER))
 install()  # consumers made with value_deserializer=RUNS fetch runs of records (kafka_fetch.py)
 
 
@@ -565,6 +566,25 @@ async def _settle(futures: list[asyncio.Future]) -> None:
             raise result
 
 
+def _headers(runs: list[Any]) -> list[dict[str, bytes]] | None:
+    """The records' headers, one dict a record, or None when no record has any besides
+    the source tasks' own marks (`kafka_sources`: bookkeeping, not data)."""
+    found: list[tuple[int, dict[str, bytes]]] = []
+    base = 0
+    for run in runs:
+        for i, items in run.headers or ():
+            headers = {k: v for k, v in items if k not in _MARKS}
+            if headers:
+                found.append((base + i, headers))
+        base += len(run.offsets)
+    if not found:
+        return None
+    out: list[dict[str, bytes]] = [{} for _ in range(base)]
+    for i, headers in found:
+        out[i] = headers
+    return out
+
+
 def _lengths(items: Any) -> list[int]:
     """Byte lengths of keys or values (a list, or a binary array), 0 for None."""
     if hasattr(items, "to_pylist"):
@@ -680,9 +700,7 @@ class KafkaConsumer:
         for tp, runs in got.items():
             if not runs:
                 continue
-            headers = None
-            if any(run.headers for run in runs):
-                headers = [dict(h) for run in runs for h in (run.headers or [()] * len(run.offsets))]
+            headers = _headers(runs)
             first = runs[0]
             for run in runs[1:]:
                 first.offsets += run.offsets

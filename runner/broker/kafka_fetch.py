@@ -37,7 +37,7 @@ class Run:
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
     timestamps: list[int] = field(default_factory=list)
-    headers: list[tuple] | None = None  # only when some record has headers
+    headers: list[tuple[int, list]] | None = None  # (index in the run, headers): records that have some
 
 
 def RUNS(value: Any) -> Any:  # a marker, named as a constant; never called on this path
@@ -68,19 +68,20 @@ class RunRecords(fetcher.PartitionRecords):
                 continue
             run = Run()
             offsets, keys, values, timestamps = run.offsets, run.keys, run.values, run.timestamps
-            headers: list[tuple] = []
+            headers: list[tuple[int, list]] = []
             start = self.next_fetch_offset
             for record in batch:
                 offset = record.offset
                 if offset < start:  # a compressed batch read from before the position
                     continue
+                if record.headers:
+                    headers.append((len(offsets), record.headers))
                 offsets.append(offset)
                 keys.append(record.key)
                 values.append(record.value)
                 timestamps.append(record.timestamp)
-                headers.append(record.headers)
-            if any(headers):
-                run.headers = [tuple(h) for h in headers]
+            if headers:
+                run.headers = headers
             if offsets:
                 self.next_fetch_offset = offsets[-1] + 1
                 yield run

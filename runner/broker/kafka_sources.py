@@ -9,6 +9,7 @@ has:
   `pipeline.task` = "<pipeline>/<source>/<n>" and `pipeline.count` = the batch's record
   count. A record batch is appended whole or not at all, so the pair marks every record of
   the batch (one header per batch, not per record: cheaper to write, store and read).
+  Consumers of the pipeline do not see these marks: they are bookkeeping, not data.
 - With its source offsets the task stores a checkpoint: for each partition of the topics
   it writes, the offset after its last record there. Offsets and checkpoint are one
   record of the offsets topic (key `[pipeline, source, "task", n]`), so they are stored
@@ -33,13 +34,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from runner.broker.base import ProduceBatch
+from runner.broker.kafka import TASK_HEADER
 
 if TYPE_CHECKING:
     from runner.broker.kafka import KafkaBroker
 
 log = logging.getLogger("pipeline.kafka")
-
-TASK_HEADER = "pipeline.task"
 
 TP = tuple[str, int]  # (topic, partition)
 

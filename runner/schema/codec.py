@@ -275,25 +275,22 @@ class BatchDecoder:
         return None, rows, failures
 
     def _decode_fast(self, values: Sequence[bytes] | pa.BinaryArray) -> pa.RecordBatch | None:
+        if not isinstance(values, pa.Array):
+            try:  # one array: the header check and the slicing below are vectorised
+                values = pa.array(values, pa.binary())
+            except (pa.ArrowException, TypeError):
+                return None
         try:
-            header = values[0].as_py()[:HEADER_SIZE] if isinstance(values, pa.Array) else values[0][:HEADER_SIZE]
+            header = values[0].as_py()[:HEADER_SIZE]
             magic, schema_id = _HEADER.unpack(header)
         except (struct.error, TypeError):
             return None
         if magic != MAGIC or not self._written_with_reader(schema_id):
             return None
-        if isinstance(values, pa.Array):
-            if values.null_count or not pc.all(pc.equal(pc.binary_slice(values, 0, HEADER_SIZE), header)).as_py():
-                return None  # another schema id, or not framed: the per-record path says which
-            body_array = pc.binary_slice(values, HEADER_SIZE, _LONGEST)
-            bodies = body_array.to_pylist()
-        else:
-            bodies = []
-            for value in values:
-                if value[:HEADER_SIZE] != header:
-                    return None  # as above
-                bodies.append(value[HEADER_SIZE:])
-            body_array = None
+        if values.null_count or not pc.all(pc.equal(pc.binary_slice(values, 0, HEADER_SIZE), header)).as_py():
+            return None  # another schema id, or not framed: the per-record path says which
+        body_array = pc.binary_slice(values, HEADER_SIZE, _LONGEST)
+        bodies = body_array.to_pylist()
         try:
             decoded = pyruhvro.deserialize_array(bodies, self._text)
             # The compiled reader ignores bytes left over after a record, and may read some
@@ -301,8 +298,6 @@ class BatchDecoder:
             # back exactly the bytes read (one more compiled pass, ~0.2 µs a record);
             # otherwise the per-record path decides, value by value.
             again = pyruhvro.serialize_record_batch(decoded, self._text, 1)
-            if body_array is None:
-                body_array = pa.array(bodies, pa.binary())
             if len(again) != 1 or not again[0].equals(body_array):
                 return None
         except Exception:  # a corrupt value: the per-record path finds and names it

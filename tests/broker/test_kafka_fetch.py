@@ -36,7 +36,10 @@ def by_runs(data: bytes, position: int) -> tuple[list[list[tuple]], int]:
     records = RunRecords(TP, MemoryRecords(data), [], position, None, RUNS, False, "read_uncommitted")
     runs = []
     for run in records:
-        headers = run.headers or [()] * len(run.offsets)
+        headers = [()] * len(run.offsets)
+        for i, items in run.headers or ():  # sparse: the records that have headers
+            assert items
+            headers[i] = tuple(items)
         runs.append(list(zip(run.offsets, run.keys, run.values, run.timestamps, headers)))
     return runs, records.next_fetch_offset
 

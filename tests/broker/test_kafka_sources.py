@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from runner.broker.base import ProduceBatch
-from tests.broker.test_kafka import open_broker, run
+from tests.broker.test_kafka import drain, open_broker, run
 from tests.kafka_broker import Tansu
 
 PER_BATCH = 12  # records per source batch, spread over 3 partitions by record number
@@ -175,5 +175,29 @@ def test_the_tag_marks_each_kafka_batch_once_with_its_count_and_old_per_record_t
         assert starts[0] == 0
         assert [s + int(h["pipeline.count"]) for s, h in counts] == starts[1:] + [60]
         assert (30, {"pipeline.task": writer.tag[1], "pipeline.count": b"1"}) in counts  # the large one, alone
+
+    run(main, timeout=80)
+
+
+@pytest.mark.timeout(90)
+def test_sinks_see_the_records_own_headers_but_not_the_source_tasks_marks(kafka: Tansu) -> None:
+    async def main() -> None:
+        b = await open_broker(kafka, {"t": 1})
+        try:
+            writer = b.source_writer("src", 0, ["t"])
+            await writer.open()
+            consumer = await b.consumer("g", ["t"])
+            try:
+                await writer.produce([ProduceBatch("t", 0, [None] * 3, [b"a", b"b", b"c"], [1] * 3)], {"file": 3})
+                marked_only = await drain(consumer, 3)
+                own = ProduceBatch("t", 0, [None] * 2, [b"d", b"e"], [1] * 2, [{}, {"trace": b"7"}])
+                await writer.produce([own], {"file": 5})
+                with_own = await drain(consumer, 2)
+            finally:
+                await consumer.close()
+        finally:
+            await b.close()
+        assert [fb.headers for fb in marked_only] == [None]  # the marks only: no headers at all
+        assert [(v, h) for fb in with_own for v, h in zip(fb.values, fb.headers)] == [(b"d", {}), (b"e", {"trace": b"7"})]
 
     run(main, timeout=80)
