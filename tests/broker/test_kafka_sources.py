@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pyarrow as pa
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -138,14 +139,21 @@ def test_a_crash_before_the_first_commit_and_twice_in_a_row(kafka: Tansu) -> Non
 
 
 @pytest.mark.timeout(90)
-def test_the_tag_marks_each_kafka_batch_once_with_its_count_and_old_per_record_tags_still_count(kafka: Tansu) -> None:
+@pytest.mark.parametrize("columns", [False, True], ids=["lists", "arrays"])
+def test_the_tag_marks_each_kafka_batch_once_with_its_count_and_old_per_record_tags_still_count(
+    kafka: Tansu, columns: bool
+) -> None:
     async def main() -> None:
         # 1 KiB record batches: 60 records of ~20 bytes make several, a 3 KiB record one alone.
         b = await open_broker(kafka, {"t": 1}, producer={"max_batch_size": 1024})
         try:
             writer = b.source_writer("src", 0, ["t"])
             values = [b"r%02d" % i + b"." * 16 for i in range(30)] + [b"x" * 3000] + [b"s%02d" % i for i in range(29)]
-            await asyncio.gather(*await b.send_tagged(ProduceBatch("t", 0, [None] * 60, values, [1] * 60), writer.tag))
+            keys = [None] * 60
+            if columns:  # as a columnar source hands them over
+                keys, values = pa.array(keys, pa.binary()), pa.array(values, pa.binary())
+            await asyncio.gather(*await b.send_tagged(ProduceBatch("t", 0, keys, values, [1] * 60), writer.tag))
+            values = values.to_pylist() if columns else values
             # Records tagged one by one, as earlier versions wrote them, count one each.
             old = await b._send_records(ProduceBatch("t", 0, [], [], []), [None] * 3, [b"o1", b"o2", b"o3"],
                                         [1, 1, 1], [[writer.tag]] * 3)
