@@ -1,0 +1,1 @@
+"""Stream processing: topics into topics (windows, aggregates), a batch at a time."""
