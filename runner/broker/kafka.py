@@ -66,9 +66,9 @@ from runner.errors import FatalError, RetryableError
 log = logging.getLogger("pipeline.kafka")
 
 # A record's largest encoding beyond its key and value (Kafka's v2 format: length, attributes,
-# timestamp and offset deltas, key and value lengths, header count, as varints), a record
-# batch's header, and room for the tag and count headers of a source task's first record.
-RECORD_OVERHEAD, BATCH_OVERHEAD, TAG_OVERHEAD = 40, 61, 256
+# timestamp and offset deltas, key and value lengths, header count, as varints), a header's
+# beyond its key and value (two varint lengths), and a record batch's header.
+RECORD_OVERHEAD, HEADER_OVERHEAD, BATCH_OVERHEAD = 40, 10, 61
 TASK_HEADER, COUNT_HEADER = "pipeline.task", "pipeline.count"  # a source task's marks (kafka_sources)
 _MARKS = frozenset((TASK_HEADER, COUNT_HEADER))
 install()  # consumers made with value_deserializer=RUNS fetch runs of records (kafka_fetch.py)
@@ -343,7 +343,7 @@ class KafkaBroker:
             else:
                 # Batches cut where they certainly fit: the count goes in before the rest.
                 start = 0
-                for end in self._batch_ends(b, headers):
+                for end in self._batch_ends(b, headers, tag):
                     first = [*headers[start], tag, (COUNT_HEADER, str(end - start).encode())]
                     sent = await self._send_records(b, keys[start:end], values[start:end], stamps[start:end],
                                                     [first, *headers[start + 1:end]])
@@ -374,10 +374,10 @@ class KafkaBroker:
             raise
         return futures
 
-    def _batch_ends(self, b: ProduceBatch, headers: list[list[tuple[str, bytes]]]) -> list[int]:
+    def _batch_ends(self, b: ProduceBatch, headers: list[list[tuple[str, bytes]]], tag: tuple[str, bytes]) -> list[int]:
         """Where the Kafka batches of `b` end (exclusive indexes): as many records as
-        certainly fit `max_batch_size`, each counted at its largest encoding. A record alone
-        in its batch always fits."""
+        certainly fit `max_batch_size`, each counted at its largest encoding, with room for
+        the first record's tag and count. A record alone in its batch always fits."""
         if isinstance(b.values, pa.Array) and isinstance(b.keys, pa.Array) and not b.headers:
             sizes = pc.add(pc.add(_byte_lengths(b.values), _byte_lengths(b.keys)), RECORD_OVERHEAD)
             totals = pc.cumulative_sum(sizes).to_pylist()  # vectorised: a columnar source's batch
@@ -386,9 +386,10 @@ class KafkaBroker:
                      for k, v in zip(as_list(b.keys), as_list(b.values))]
             if b.headers:
                 for i, hs in enumerate(headers):
-                    sizes[i] += sum(10 + len(k.encode()) + len(v or b"") for k, v in hs)
+                    sizes[i] += sum(HEADER_OVERHEAD + len(k.encode()) + len(v or b"") for k, v in hs)
             totals = list(itertools.accumulate(sizes))
-        room = self._batch_bytes - BATCH_OVERHEAD - TAG_OVERHEAD
+        marks = 2 * HEADER_OVERHEAD + len(tag[0].encode()) + len(tag[1]) + len(COUNT_HEADER) + 20  # count digits
+        room = self._batch_bytes - BATCH_OVERHEAD - marks
         ends, done = [], 0
         while len(ends) == 0 or ends[-1] < len(totals):
             start = ends[-1] if ends else 0

@@ -209,3 +209,18 @@ def test_sinks_see_the_records_own_headers_but_not_the_source_tasks_marks(kafka:
         assert [(v, h) for fb in with_own for v, h in zip(fb.values, fb.headers)] == [(b"d", {}), (b"e", {"trace": b"7"})]
 
     run(main, timeout=80)
+
+
+@pytest.mark.timeout(90)
+def test_a_long_tag_still_leaves_every_batch_marked_with_its_count(kafka: Tansu) -> None:
+    async def main() -> None:
+        b = await open_broker(kafka, {"t": 1}, producer={"max_batch_size": 2048})
+        try:
+            writer = b.source_writer("s" * 900, 0, ["t"])  # the tag alone takes half a batch
+            values = [b"v%02d" % i + b"." * 100 for i in range(20)]
+            await asyncio.gather(*await b.send_tagged(ProduceBatch("t", 0, [None] * 20, values, [1] * 20), writer.tag))
+            assert await b.count_tagged({("t", 0): 0}, writer.tag) == {("t", 0): (20, 20)}
+        finally:
+            await b.close()
+
+    run(main, timeout=80)
