@@ -118,7 +118,8 @@ def test_a_once_run_that_delivers_nothing_exits_1_naming_the_first_error_and_how
     ran = run_cli("run", spec, "--once")
     assert ran.returncode == 1, ran.stderr
     assert "error: nothing was delivered:" in ran.stderr
-    assert "the first: access-logs: encode error at" in ran.stderr and "access.log:1 (field 'status')" in ran.stderr
+    # The first in input order: the oldest rotated file is read first.
+    assert "the first: access-logs: encode error at" in ran.stderr and "access.log.2.gz:1 (field 'status')" in ran.stderr
     assert f"hint: see them all: pipeline consume first-hour-dlq --from-beginning --spec {spec}" in ran.stderr
     hint = ran.stderr.split("hint: see them all: ")[1].splitlines()[0]
     shown = subprocess.run([pipeline_exe(), *hint.split()[1:], "--max", "1"], capture_output=True, text=True,

@@ -31,6 +31,7 @@ import glob
 import gzip
 import logging
 import os
+import re
 import stat
 import zlib
 from dataclasses import dataclass, field
@@ -163,8 +164,10 @@ class FileSet:
 
     def next_file(self) -> TrackedFile | None:
         """The file with unread data that was modified longest ago (so rotated files are
-        finished before the file that replaced them); None if there is nothing to read."""
-        best: tuple[float, str] | None = None
+        finished before the file that replaced them; files modified within the same second,
+        as a copy or a checkout leaves them, in rotation order: `x.log.2.gz`, `x.log.1`,
+        `x.log`); None if there is nothing to read."""
+        best: tuple[float, int, str] | None = None
         chosen = None
         for ident, tf in list(self.files.items()):
             mtime = self._readable(tf)
@@ -175,8 +178,9 @@ class FileSet:
                     self.known[ident] = tf.offset()
                     del self.files[ident]
                 continue
-            if best is None or (mtime, tf.path) < best:
-                best, chosen = (mtime, tf.path), tf
+            key = (int(mtime), -_rotation(tf.path), tf.path)  # mtimes within a second: one
+            if best is None or key < best:
+                best, chosen = key, tf
         return chosen
 
     def _readable(self, tf: TrackedFile) -> float | None:
@@ -422,3 +426,12 @@ class FileSet:
     def close(self) -> None:
         for tf in self.files.values():
             tf.close()
+
+
+_ROTATED = re.compile(r"\.(\d+)(?:\.gz)?$")
+
+
+def _rotation(path: str) -> int:
+    """A rotated log's number (`access.log.2.gz` -> 2; the live `access.log` -> 0)."""
+    m = _ROTATED.search(path)
+    return int(m.group(1)) if m else 0

@@ -393,6 +393,21 @@ def test_gz_files_are_read_once_and_rotated_sets_oldest_first(tmp_path: Path) ->
     assert drain(source_task(tmp_path, paths=["access.log*"]), offsets) == []
 
 
+def test_rotated_files_of_one_mtime_are_read_in_rotation_order(tmp_path: Path) -> None:
+    """A copy or a checkout gives a rotated set one mtime (to within the second, in any
+    order): oldest first all the same, by the rotation number."""
+    with gzip.open(tmp_path / "access.log.2.gz", "wt", encoding="utf-8") as f:
+        f.write(lines(1, 5))
+    write(tmp_path / "access.log.1", lines(5, 9))
+    write(tmp_path / "access.log", lines(9, 12))
+    second = int(time.time()) - 100
+    os.utime(tmp_path / "access.log", (second + 0.1, second + 0.1))  # the live file a touch older
+    os.utime(tmp_path / "access.log.1", (second + 0.5, second + 0.5))
+    os.utime(tmp_path / "access.log.2.gz", (second + 0.9, second + 0.9))
+    batches = drain(source_task(tmp_path, paths=["access.log*"]))
+    assert numbers(rows_of(batches)) == list(range(1, 12))
+
+
 def test_a_corrupt_gz_is_a_data_error_and_the_rest_is_read(tmp_path: Path) -> None:
     (tmp_path / "access.log.1.gz").write_bytes(b"this is not gzip\n")
     os.utime(tmp_path / "access.log.1.gz", (1_000_000, 1_000_000))
