@@ -27,6 +27,7 @@ from runner.config import Config, ConfigError
 from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError, os_error
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
+from runner.processing.plan import plan
 from runner.schema.registry import SchemaRegistry
 from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
@@ -36,6 +37,7 @@ from runner.schedule import Clock, SystemClock
 from runner.worker import (
     Counters,
     DeadLetters,
+    ProcessorRunner,
     ScheduledRunner,
     SinkRunner,
     SourceGroup,
@@ -81,7 +83,8 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         return problems
 
     spec = load_spec(path, check_connector=check_connector, load_plugin_paths=load_paths)
-    problems = [
+    problems = _plan_processors(spec)
+    problems += [
         Problem(
             f"topic {t!r} has no schema (a raw topic); only sinks that take bytes "
             f"(wants = \"raw\") can read it, and {entry.connector!r} decodes records",
@@ -106,6 +109,23 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
         raise SpecError(sorted(located, key=lambda p: (p.line is None, p.line or 0)))
     spec.warnings = located
     return spec
+
+
+def _plan_processors(spec: Spec) -> list[Problem]:
+    """Check each processor against its inputs' schemas and give its output topic the
+    derived schema (in the order they feed each other: one's output may be another's input)."""
+    problems: list[Problem] = []
+    todo = list(spec.processors)
+    while todo:
+        outputs = {p.output for p in todo}
+        ready = [p for p in todo if not outputs & set(p.inputs)] or todo  # a cycle was refused already
+        for p in ready:
+            found = plan(p, {t: spec.topics[t].schema if t in spec.topics else None for t in p.inputs})
+            problems += [Problem(message, path=path) for path, message in found.problems]
+            if not found.problems:
+                spec.topics[p.output].schema = found.schema
+            todo.remove(p)
+    return problems
 
 
 def _options_problems(options: type[Config], value: dict, key_path: str) -> list[Problem]:
@@ -246,6 +266,7 @@ class Pipeline:
         self.counters: list[Counters] = []
         self.dead_letters: DeadLetters | None = None  # once the run has started
         self.signalled = 0
+        self._watchers: list[asyncio.Task] = []  # see _fed_by
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -334,15 +355,31 @@ class Pipeline:
             source_group = SourceGroup(
                 spec.name, self._source_slots(topics, broker, dead_letters), broker, self.stop_event, self.once
             )
+            # With --once, each processor ends when what feeds it has ended (the sources, and
+            # the processors that write its inputs); the sinks when all of them have.
+            upstream_done = asyncio.Event() if self.once else None
+            processors = [] if self.only_sources is not None else self.spec.processors
+            done = {p.name: asyncio.Event() for p in processors}
+            processor_runners = [
+                self._processor_runner(p, topics, broker, registry, dead_letters,
+                                       self._fed_by(p, processors, sources_done, done))
+                for p in processors
+            ]
             sink_runners = (
                 [] if self.only_sources is not None
-                else self._sink_runners(topics, broker, registry, dead_letters, sources_done)
+                else self._sink_runners(topics, broker, registry, dead_letters, upstream_done)
             )
 
             async def sources() -> None:
                 await source_group.run()
                 if sources_done is not None:
                     sources_done.set()
+                    await asyncio.gather(*(event.wait() for event in done.values()))
+                    upstream_done.set()
+
+            async def process(runner: ProcessorRunner) -> None:
+                await runner.run()
+                done[runner.name].set()
 
             # Sinks run until stopped (or, with --once, until they have caught up with
             # everything the sources produced); a run with no sinks ends with its sources.
@@ -350,11 +387,15 @@ class Pipeline:
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(sources())
+                    for processor in processor_runners:
+                        group.create_task(process(processor))
                     for runner in sink_runners:
                         group.create_task(runner.run())
             finally:
                 if ticker is not None:
                     ticker.cancel()
+                for watcher in self._watchers:
+                    watcher.cancel()
         finally:
             registry.close()
             if self.history is not None:
@@ -450,6 +491,31 @@ class Pipeline:
                 else:
                     slots.append(SourceSlot(entry.name, index, runner))
         return slots
+
+    def _fed_by(self, p: Any, processors: list[Any], sources_done: asyncio.Event | None,
+                done: dict[str, asyncio.Event]) -> asyncio.Event | None:
+        """An event set when everything feeding processor `p` has ended (--once only)."""
+        if sources_done is None:
+            return None
+        feeding = [done[q.name] for q in processors if q.output in p.inputs]
+        event = asyncio.Event()
+
+        async def watch() -> None:
+            await sources_done.wait()
+            for upstream in feeding:
+                await upstream.wait()
+            event.set()
+
+        self._watchers.append(asyncio.create_task(watch()))
+        return event
+
+    def _processor_runner(self, p: Any, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry,
+                          dead_letters: DeadLetters, upstream_done: asyncio.Event | None) -> ProcessorRunner:
+        counters = Counters(p.name, "processor", target=f"{', '.join(p.inputs)} → {p.output}")
+        self.counters.append(counters)
+        found = plan(p, {t: self.spec.topics[t].schema for t in p.inputs})
+        return ProcessorRunner(p, {t: topics[t] for t in p.inputs}, topics[p.output], broker, registry.schema_by_id,
+                               dead_letters, counters, self.stop_event, upstream_done, found.time_is_timestamp)
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []

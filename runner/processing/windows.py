@@ -130,6 +130,8 @@ class WindowedAggregation:
         in arrival order); what it emits. Rows with a null time or key are the caller's to
         refuse before: they have no window."""
         times = times.cast(pa.int64())
+        if isinstance(times, pa.ChunkedArray):
+            times = times.combine_chunks()
         n = len(times)
         if n == 0:
             return Result(self._emit(None), [], 0)
@@ -174,6 +176,20 @@ class WindowedAggregation:
         if self.stream_time is None or stream_time > self.stream_time:
             self.stream_time = stream_time
         return self._emit(None)
+
+    def close_all(self) -> pa.Table:
+        """Close every open window (the input ended, or stayed idle: `idle_close`), moving
+        the stream time just far enough that each is closed: a record that comes later for
+        one of them is late, one for a later window is not."""
+        if self._state is None or self._state.num_rows == 0:
+            return self._emit(None)
+        last = pc.max(self._state.column("__start")).as_py()
+        self.stream_time = max(self.stream_time, last + self.window.size + self.grace)
+        if self.emit == "final":
+            return self._emit(None)
+        self._state = self._state.slice(0, 0)  # updates were emitted as they came
+        self._distinct = {f: t.slice(0, 0) for f, t in self._distinct.items()}
+        return self._records(self._state)
 
     # -- state as bytes ---------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ from collections.abc import Mapping
 
 from runner.errors import SpecError
 from runner.spec.checking import CheckConnector, LoadPluginPaths, check
-from runner.spec.model import BrokerSpec, ConnectorSpec, ErrorPolicy, Spec, TopicSpec, TransformSpec
+from runner.spec.model import BrokerSpec, ConnectorSpec, ErrorPolicy, ProcessorSpec, Spec, TopicSpec, TransformSpec
 from runner.spec.reading import read
 
 __all__ = [
     "BrokerSpec",
     "ConnectorSpec",
     "ErrorPolicy",
+    "ProcessorSpec",
     "Spec",
     "TopicSpec",
     "TransformSpec",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from runner.errors import Problem, suggest
-from runner.spec.model import BrokerSpec, ConnectorSpec, ErrorPolicy, Spec, TopicSpec, join, line_of
+from runner.spec.model import BrokerSpec, ConnectorSpec, ErrorPolicy, ProcessorSpec, Spec, TopicSpec, join, line_of
 from runner.spec.reading import Document
 
 CheckConnector = Callable[[str, ConnectorSpec, str], list[Problem]]
@@ -26,7 +26,8 @@ CheckConnector = Callable[[str, ConnectorSpec, str], list[Problem]]
 LoadPluginPaths = Callable[[list[pathlib.Path]], list[tuple[int, str]]]
 
 TOP_KEYS = (
-    "name", "state_dir", "broker", "schema_registry", "plugin_paths", "topics", "sources", "sinks", "errors",
+    "name", "state_dir", "broker", "schema_registry", "plugin_paths", "topics", "sources", "sinks", "processors",
+    "errors",
 )
 _ERRORS_KEYS = ("tolerance", "dead_letter_topic")
 _TOLERANCES = ("none", "all")
@@ -229,6 +230,7 @@ def check(doc: Document, check_connector: CheckConnector | None,
           load_plugin_paths: LoadPluginPaths | None) -> tuple[Spec | None, list[Problem]]:
     """The spec of a read document, or None and every problem found (sorted by line)."""
     from runner.spec.entries import check_entries, unique_names
+    from runner.spec.processors import check_processors
     from runner.spec.topics import check_topics
 
     c = Checker(doc)
@@ -247,8 +249,10 @@ def check(doc: Document, check_connector: CheckConnector | None,
     dlq = errors.dead_letter_topic if errors else None
     sources = check_entries(c, "source", root.get("sources"), topics, dlq)
     sinks = check_entries(c, "sink", root.get("sinks"), topics, dlq)
-    if not root.get("sources") and not root.get("sinks"):
+    processors = check_processors(c, root.get("processors"), topics)
+    if not root.get("sources") and not root.get("sinks") and not root.get("processors"):
         c.problem("", "nothing to run: declare at least one source or sink")
+    _refuse_cycles(c, [p for p in processors if p is not None])
     unique_names(c)
     broker = c.broker(root.get("broker"))
     registry = c.schema_registry(root.get("schema_registry"))
@@ -282,4 +286,22 @@ def check(doc: Document, check_connector: CheckConnector | None,
         lines=doc.lines,
         file=doc.file,
         plugin_paths=plugin_paths,
+        processors=[p for p in processors if p is not None],
     ), []
+
+
+def _refuse_cycles(c: Checker, processors: list[ProcessorSpec]) -> None:
+    """Processors that feed their own input, through others or directly."""
+    feeds = {p.output: p for p in processors}
+    for p in processors:
+        seen, todo = set(), list(p.inputs)
+        while todo:
+            topic = todo.pop()
+            if topic in seen or topic not in feeds:
+                continue
+            seen.add(topic)
+            if feeds[topic] is p:
+                c.problem(join(p.key_path, "from"), f"processor {p.name!r} reads what it writes, through "
+                          f"{topic!r} (a cycle)")
+                break
+            todo += feeds[topic].inputs

@@ -45,6 +45,23 @@ class ConnectorSpec:
 
 
 @dataclass
+class ProcessorSpec:
+    """A processor: its input topics aggregated by window into its output topic."""
+
+    name: str
+    inputs: list[str]
+    output: str
+    keys: list[str]  # group-by fields (the output key)
+    time: str | None  # event-time field; None: the records' topic timestamps
+    window: dict[str, int]  # {"tumbling": ms} or {"hopping": ms, "advance": ms}
+    grace: int  # ms
+    emit: str  # "final" | "updates"
+    idle_close: int | None  # ms
+    aggregates: list[tuple[str, str, str | None]]  # (output field, function, input field)
+    key_path: str = ""  # e.g. "processors[0]"
+
+
+@dataclass
 class ErrorPolicy:
     tolerance: str = "none"
     dead_letter_topic: str | None = None
@@ -76,6 +93,7 @@ class Spec:
     # What `engine.check_spec` found worth saying but not wrong (a source field the topic
     # lacks, a glob matching nothing): shown by `pipeline validate` and `pipeline run`.
     warnings: list[Problem] = field(default_factory=list)
+    processors: list[ProcessorSpec] = field(default_factory=list)
 
     def line_of(self, key_path: str) -> int | None:
         return line_of(self.lines, key_path)

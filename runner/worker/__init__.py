@@ -3,6 +3,8 @@
 - `source`: SourceRunner — poll → encode (the schema check) → key/partition → produce
   (+ source offsets, one transaction on the embedded broker) → `committed`.
 - `sink`: SinkRunner — fetch → decode → put → … → flush → commit consumer offsets.
+- `processor`: ProcessorRunner — fetch every input partition → windowed aggregation →
+  produce the closed windows (+ input offsets and state, one transaction on embedded).
 - `scheduled`: ScheduledRunner — a source task as a bounded job at each schedule tick.
 - `group`: SourceGroup — the source tasks, here or shared among processes (Kafka).
 - `common`: counters, topics, the error policy (dead letters), retries, error reports.
@@ -19,6 +21,7 @@ from runner.worker.common import (
     retrying,
 )
 from runner.worker.group import SourceGroup, SourceSlot
+from runner.worker.processor import ProcessorRunner
 from runner.worker.scheduled import ScheduledRunner
 from runner.worker.sink import SinkRunner
 from runner.worker.source import SourceRunner
@@ -26,6 +29,7 @@ from runner.worker.source import SourceRunner
 __all__ = [
     "Counters",
     "DeadLetters",
+    "ProcessorRunner",
     "ScheduledRunner",
     "SinkRunner",
     "SourceGroup",

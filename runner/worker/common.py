@@ -46,6 +46,7 @@ class Counters:
     errors: int = 0  # data errors (dead-lettered or not)
     filtered: int = 0  # records a transform chain left out on purpose (not errors)
     retries: int = 0
+    windows: int = 0  # processor: windows emitted (its records_out are the records aggregated)
     target: str | None = None  # where the connector reads or writes, from its target()
     # Source: fields the topic's schema lacks, dropped before encoding -> how many records had them.
     dropped: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,165 @@
+"""Checking `processors:`: topics into topics, through a windowed aggregation.
+
+    processors:
+      - name: views-per-minute
+        from: activity                 # a topic or a list of topics (merged)
+        to: views-per-minute           # declared under topics:, without a schema (derived)
+        key: [path, status]            # group by; the output key
+        time: timestamp                # event time; omitted: the record's topic timestamp
+        window: {tumbling: 1m}         # or {hopping: 5m, advance: 1m}
+        grace: 30s                     # lateness accepted (default 0)
+        emit: final                    # or updates
+        idle_close: 1m                 # with no input, wall-clock time closes windows
+        aggregate: {views: count(), bytes: sum(bytes), visitors: count_distinct(remote_host)}
+
+The shapes are checked here; what needs the input's schema (fields exist, types fit) is
+checked by the engine (`runner.processing.plan`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from runner.errors import suggest
+from runner.processing.windows import FUNCTIONS
+from runner.schedule import ScheduleError, parse_duration
+from runner.spec.checking import Checker, got
+from runner.spec.model import ProcessorSpec, TopicSpec, join
+
+_KEYS = ("name", "from", "to", "key", "time", "window", "grace", "emit", "idle_close", "aggregate")
+_WINDOWS = ("tumbling", "hopping")
+_EMITS = ("final", "updates")
+_CALL = re.compile(r"\s*([A-Za-z_]+)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)?\s*\)\s*")
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_processors(c: Checker, value: Any, topics: dict[str, TopicSpec | None]) -> list[ProcessorSpec | None]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        c.problem("processors", f"expected a list of processors, got {got(value)}")
+        return []
+    return [_processor(c, item, f"processors[{i}]", topics) for i, item in enumerate(value)]
+
+
+def _processor(c: Checker, value: Any, path: str, topics: dict[str, TopicSpec | None]) -> ProcessorSpec | None:
+    entry = c.mapping(value, path, _KEYS, "a processor")
+    if entry is None:
+        return None
+    before = c.attempts
+    name = c.name(entry.get("name"), join(path, "name"), required=True)
+    if name is not None:
+        c.names.append((name, path))
+    inputs = entry.get("from")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs:
+        c.problem(join(path, "from"), f"expected a topic or a list of topics, got {got(entry.get('from'))}",
+                  missing="from" not in entry)
+        inputs = []
+    for i, topic in enumerate(inputs):
+        where = join(path, "from") + (f"[{i}]" if isinstance(entry.get("from"), list) else "")
+        if c.topic_name(topic, where) is not None and topic not in topics:
+            c.problem(where, f"topic {topic!r} is not declared under topics{suggest(topic, list(topics))}")
+    output = entry.get("to")
+    if output is None:
+        c.problem(join(path, "to"), "missing required key (the output topic)", missing=True)
+    elif c.topic_name(output, join(path, "to")) is not None:
+        if output not in topics:
+            c.problem(join(path, "to"), f"topic {output!r} is not declared under topics{suggest(output, list(topics))}")
+        elif topics[output] is not None and topics[output].schema is not None:
+            c.problem(join(path, "to"), f"topic {output!r} has a schema; a processor's output schema is derived "
+                      "from its key and aggregates: declare the topic without `schema:`")
+    keys = entry.get("key", [])
+    keys = [keys] if isinstance(keys, str) else keys
+    if not isinstance(keys, list) or not all(isinstance(k, str) and _FIELD.fullmatch(k) for k in keys):
+        c.problem(join(path, "key"), f"expected a field name or a list of them, got {got(entry.get('key'))}")
+        keys = []
+    time = entry.get("time")
+    if time is not None and (not isinstance(time, str) or not _FIELD.fullmatch(time)):
+        c.problem(join(path, "time"), f"expected a field name, got {got(time)}")
+    window = _window(c, entry.get("window"), join(path, "window"))
+    grace = _duration(c, entry.get("grace", 0), join(path, "grace"), zero=True)
+    idle = _duration(c, entry.get("idle_close"), join(path, "idle_close")) if "idle_close" in entry else None
+    emit = entry.get("emit", "final")
+    if emit not in _EMITS:
+        c.problem(join(path, "emit"), f"expected 'final' or 'updates', got {got(emit)}{suggest(str(emit), _EMITS)}")
+    aggregates = _aggregates(c, entry.get("aggregate"), join(path, "aggregate"), keys)
+    if c.attempts != before or name is None or window is None or grace is None:
+        return None
+    return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=list(keys), time=time,
+                         window=window, grace=grace, emit=str(emit), idle_close=idle, aggregates=aggregates,
+                         key_path=path)
+
+
+def _window(c: Checker, value: Any, path: str) -> dict[str, int] | None:
+    """{"tumbling": ms} or {"hopping": ms, "advance": ms}."""
+    if not isinstance(value, dict) or not any(k in value for k in _WINDOWS):
+        c.problem(path, "expected {tumbling: 1m} or {hopping: 5m, advance: 1m}, got "
+                  f"{got(value)}", missing=value is None)
+        return None
+    kinds = [k for k in _WINDOWS if k in value]
+    c.unknown_keys(value, path, (*kinds, "advance") if "hopping" in kinds else kinds)
+    if len(kinds) > 1:
+        c.problem(path, "choose one window: tumbling or hopping")
+        return None
+    kind = kinds[0]
+    size = _duration(c, value[kind], join(path, kind))
+    if size is None:
+        return None
+    if kind == "tumbling":
+        return {"tumbling": size}
+    advance = _duration(c, value.get("advance"), join(path, "advance"))
+    if advance is None:
+        return None
+    if advance > size:
+        c.problem(join(path, "advance"), "a hopping window advances by at most its size (else records fall between "
+                  "windows)")
+        return None
+    return {"hopping": size, "advance": advance}
+
+
+def _duration(c: Checker, value: Any, path: str, *, zero: bool = False) -> int | None:
+    """A duration in ms: "500ms", "30s", "1m", "2h", "1d", "1h30m" (0 where `zero`)."""
+    if zero and value in (0, "0"):
+        return 0
+    try:
+        ms = round(parse_duration(value) * 1000) if isinstance(value, str) else None
+    except ScheduleError:
+        ms = None
+    if ms is None or ms <= 0:
+        c.problem(path, f"expected a duration like 500ms, 30s, 1m, 2h or 1d, got {got(value)}",
+                  missing=value is None)
+        return None
+    return ms
+
+
+def _aggregates(c: Checker, value: Any, path: str, keys: list[str]) -> list[tuple[str, str, str | None]]:
+    """(output field, function, input field) per `name: function(field)`."""
+    if not isinstance(value, dict) or not value:
+        c.problem(path, f"expected a mapping of output fields to aggregates, like {{views: count()}}, got {got(value)}",
+                  missing=value is None)
+        return []
+    out = []
+    for name, call in value.items():
+        where = join(path, name)
+        if not isinstance(name, str) or not _FIELD.fullmatch(name):
+            c.problem(where, f"expected an output field name (letters, digits, _), got {got(name)}")
+            continue
+        if name in (*keys, "window_start", "window_end"):
+            c.problem(where, f"{name!r} is a key field or window bound of the output already")
+            continue
+        m = _CALL.fullmatch(call) if isinstance(call, str) else None
+        if m is None:
+            c.problem(where, f"expected an aggregate like count(), sum(bytes), got {got(call)}")
+            continue
+        function, field = m.group(1), m.group(2)
+        if function not in FUNCTIONS:
+            c.problem(where, f"unknown aggregate {function!r}{suggest(function, FUNCTIONS)} "
+                      f"(known: {', '.join(f + '()' for f in FUNCTIONS)})")
+            continue
+        if (function == "count") != (field is None):
+            c.problem(where, "count() takes no field" if field else f"{function}() needs a field, as in {function}(bytes)")
+            continue
+        out.append((name, function, field))
+    return out

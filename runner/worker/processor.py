@@ -1,0 +1,313 @@
+"""The processor runner: input topics → windowed aggregation → output topic.
+
+One task per processor reads every partition of its input topics (no consumer group: it
+keeps its own offsets) and aggregates a fetched batch at a time (`runner.processing.
+windows`). After each batch it hands the broker, through the same writer a source task
+uses, the output records, the dead letters and, as the task's offsets, the input
+positions and the aggregation state. On the embedded broker these commit in one
+transaction, so a crash anywhere resumes from the last batch exactly: no window is lost
+or emitted twice.
+
+Event time comes from the `time:` field, or from the records' topic timestamps. A record
+with no time or a null group-by field, or that came after its window closed (late), goes
+to the dead-letter topic, named with the processor and field (and, when late, the window
+and by how much). With `idle_close`, a processor that has had no input for that long moves
+closes every open window (the stream time moves just past them). A `--once` run ends its
+input like a bounded stream: when the sources are done and every input partition is read
+to its end, every open window is emitted.
+
+The state travels with the offsets (Arrow IPC, base64 in the offsets' JSON). That suits
+the state of open windows; a changelog topic for large state is yet to come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.broker.base import Broker, ProduceBatch, TopicPartition
+from runner.broker.partitioner import partition_keys
+from runner.errors import RecordError
+from runner.processing.windows import Aggregate, Hopping, Tumbling, WindowedAggregation
+from runner.schema.arrow import avro_to_arrow
+from runner.schema.codec import BatchDecoder
+from runner.spec.model import ProcessorSpec
+from runner.worker.common import Counters, DeadLetters, Topic, retrying
+
+FETCH_RECORDS = 10_000
+QUEUE_LIMIT = 200_000  # records held back for slower partitions, at most
+
+
+class ProcessorRunner:
+    def __init__(self, spec: ProcessorSpec, inputs: dict[str, Topic], output: Topic, broker: Broker,
+                 lookup: Any, dead_letters: DeadLetters, counters: Counters, stop: asyncio.Event,
+                 upstream_done: asyncio.Event | None, time_is_timestamp: bool) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.inputs = inputs
+        self.output = output
+        self.broker = broker
+        self.dead_letters = dead_letters
+        self.counters = counters
+        self.stop = stop
+        self.upstream_done = upstream_done  # set: the input will not grow (a --once run)
+        self.decoders = {t: BatchDecoder(lookup, topic.schema) for t, topic in inputs.items()}
+        self.arrow = {t: avro_to_arrow(topic.schema) for t, topic in inputs.items()}
+        self.time_is_timestamp = time_is_timestamp
+        window = spec.window
+        shape = Tumbling(window["tumbling"]) if "tumbling" in window else Hopping(window["hopping"], window["advance"])
+        self.aggregation = WindowedAggregation(
+            shape, spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace, emit=spec.emit
+        )
+        self.needed = list(dict.fromkeys([*spec.keys, *(f for _, _, f in spec.aggregates if f)]))
+        self.out_arrow = avro_to_arrow(output.schema)
+        self.writer = broker.source_writer(self.name, 0, [output.name, *self._dlq()])
+        self.positions: dict[TopicPartition, int] = {}
+        self.aggregated = 0  # records counted into windows, not yet committed
+        self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
+        # Fetched records not aggregated yet (see _release): (columns, event times, where from).
+        self.queued: dict[TopicPartition, tuple[pa.Table, pa.Array, list[tuple[str, int, int]]]] = {}
+
+    def _dlq(self) -> list[str]:
+        return [self.dead_letters.topic.name] if self.dead_letters.topic is not None else []
+
+    async def run(self) -> None:
+        stored = await self.writer.open()
+        if "state" in stored:
+            snapshot = stored["state"]
+            self.aggregation.restore({"stream_time": snapshot["stream_time"],
+                                      "tables": {k: base64.b64decode(v) for k, v in snapshot["tables"].items()}})
+        consumer = await self.broker.consumer(None, list(self.inputs))  # every partition, no group
+        try:
+            for tp in await consumer.assignment():
+                position = stored.get(f"{tp.topic}/{tp.partition}", 0)
+                await consumer.seek(tp, position)
+                self.positions[tp] = self.fetched_to[tp] = position
+            await self._loop(consumer)
+        finally:
+            await consumer.close()
+
+    async def _loop(self, consumer: Any) -> None:
+        idle_since = time.monotonic()
+        ends: dict[TopicPartition, int] | None = None
+        while not self.stop.is_set():
+            if ends is None and self.upstream_done is not None and self.upstream_done.is_set():
+                ends = await self._ends()
+            if ends is not None and all(self.fetched_to.get(tp, 0) >= end for tp, end in ends.items()):
+                # A bounded run: the input ends here, and with it every window.
+                emitted, errors = self._release(None)
+                await self._commit(pa.concat_tables([emitted, self.aggregation.close_all()], promote_options="default")
+                                   if emitted.num_rows else self.aggregation.close_all(), errors)
+                return
+            fetched = await consumer.fetch(FETCH_RECORDS, 0.2)
+            if not fetched:
+                idle = self.spec.idle_close
+                if idle is not None and (self.queued or self.aggregation.open_windows) and \
+                        (time.monotonic() - idle_since) * 1000 >= idle:
+                    emitted, errors = self._release(None)  # no input for idle_close: close what is open
+                    await self._commit(emitted, errors)
+                    await self._commit(self.aggregation.close_all(), [])
+                continue
+            idle_since = time.monotonic()
+            errors = []
+            for fb in fetched:
+                errors += self._queue(fb)
+            emitted, late = self._release(await self._ends())
+            await self._commit(emitted, errors + late)
+
+    async def _ends(self) -> dict[TopicPartition, int]:
+        ends = {}
+        for topic in self.inputs:
+            for p, end in enumerate(await self.broker.end_offsets(topic)):
+                ends[TopicPartition(topic, p)] = end
+        return ends
+
+    # -- fetched records, in event-time order across partitions -----------------------------
+
+    def _queue(self, fb: Any) -> list[RecordError]:
+        """A partition's fetched batch decoded and queued; errors for records without a window."""
+        table, times, where, errors = self._decoded(fb)
+        tp = TopicPartition(fb.topic, fb.partition)
+        self.fetched_to[tp] = fb.next_offset
+        if table.num_rows:
+            if tp in self.queued:
+                old_table, old_times, old_where = self.queued[tp]
+                table = pa.concat_tables([old_table, table])
+                times = pa.concat_arrays([old_times, times])
+                where = old_where + where
+            self.queued[tp] = (table, times, where)
+        return errors
+
+    def _release(self, ends: dict[TopicPartition, int] | None) -> tuple[pa.Table, list[RecordError]]:
+        """Aggregate the queued records every partition has got past: a partition's records
+        up to the event time the least advanced partition has reached (a partition still
+        behind its end with nothing queued holds everything back; one caught up does not).
+        Partitions read at different paces so do not make each other's records late.
+        `ends` None (input ended, idle) or too much queued: everything."""
+        if not self.queued:
+            return self._empty(), []
+        limit = None
+        if ends is not None and sum(len(t) for _, t, _ in self.queued.values()) < QUEUE_LIMIT:
+            behind = [tp for tp, end in ends.items() if tp not in self.queued and self.fetched_to.get(tp, 0) < end]
+            if behind:
+                return self._empty(), []
+            limit = min(pc.max(times).as_py() for _, times, _ in self.queued.values())
+        tables, times, where = [], [], []
+        for tp in list(self.queued):
+            table, stamps, positions = self.queued[tp]
+            n = len(stamps)
+            if limit is not None:  # the prefix up to the first record past the limit
+                past = pc.indices_nonzero(pc.greater(stamps, limit))
+                n = past[0].as_py() if len(past) else len(stamps)
+            if n == 0:
+                continue
+            tables.append(table.slice(0, n))
+            times.append(stamps.slice(0, n))
+            where += positions[:n]
+            if n == len(stamps):
+                del self.queued[tp]
+            else:
+                self.queued[tp] = (table.slice(n), stamps.slice(n), positions[n:])
+        if not tables:
+            return self._empty(), []
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        stamps = pa.concat_arrays(times) if len(times) > 1 else times[0]
+        if len(tables) > 1:  # stable: each partition's own order kept among equal times
+            order = pc.sort_indices(stamps)
+            table, stamps, where = table.take(order), stamps.take(order), [where[i] for i in order.to_pylist()]
+        result = self.aggregation.process(table.select(self.needed), stamps)
+        self.aggregated += table.num_rows - len(result.late)
+        errors = [
+            self._error(f"late: window [{_iso(late.window_start)}, {_iso(late.window_end)}) had closed "
+                        f"{late.late_by} ms before it came (grace {self.spec.grace} ms)",
+                        "process", table.slice(late.index, 1).to_pylist()[0], where[late.index], field=self.spec.time)
+            for late in result.late
+        ]
+        return result.emitted, errors
+
+    def _empty(self) -> pa.Table:
+        return self.aggregation.advance(self.aggregation.stream_time) if self.aggregation.stream_time is not None \
+            else pa.table({})
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        """Where each input partition resumes: its first queued record, else past what was fetched."""
+        out = dict(self.positions)
+        out.update(self.fetched_to)
+        for tp, (_, _, where) in self.queued.items():
+            out[tp] = where[0][2]
+        return out
+
+    def _decoded(self, fb: Any) -> tuple[pa.Table, pa.Array, list[tuple[str, int, int]], list[RecordError]]:
+        """One partition's batch decoded: the records that have a window, their event
+        times and where each came from; errors for the others."""
+        self.counters.records_in += len(fb.values)
+        columns, rows, failures = self.decoders[fb.topic].decode(
+            fb.value_array if fb.value_array is not None else fb.values
+        )
+        errors = [self._error(f.error, "decode", fb.values[f.index], (fb.topic, fb.partition, fb.offsets[f.index]))
+                  for f in failures]
+        offsets = fb.offsets
+        if columns is None:
+            bad = {f.index for f in failures}
+            keep = [i for i in range(len(fb.values)) if i not in bad]
+            offsets = [fb.offsets[i] for i in keep]
+            columns = pa.RecordBatch.from_pylist([rows[i] for i in keep], schema=self.arrow[fb.topic])
+            stamps = [fb.timestamps[i] for i in keep]
+        else:
+            stamps = fb.timestamps
+        table = pa.Table.from_batches([columns])
+        if self.spec.time is not None:
+            times = table.column(self.spec.time).combine_chunks()
+            times = pc.cast(pc.cast(times, pa.timestamp("ms", tz="UTC")), pa.int64()) if self.time_is_timestamp \
+                else pc.cast(times, pa.int64())
+        else:
+            times = pa.array(stamps, pa.int64())
+        where = [(fb.topic, fb.partition, offset) for offset in offsets]
+        # A record with no time or a null group-by field has no window: a data error.
+        usable = pc.is_valid(times)
+        for name in self.spec.keys:
+            usable = pc.and_(usable, pc.is_valid(table.column(name).combine_chunks()))
+        if not pc.all(usable).as_py():
+            for i in pc.indices_nonzero(pc.invert(usable)).to_pylist():
+                row = table.slice(i, 1).to_pylist()[0]
+                fields = [self.spec.time] if self.spec.time and row.get(self.spec.time) is None else []
+                missing = (fields or [k for k in self.spec.keys if row.get(k) is None])[0]
+                what = "event time" if missing == self.spec.time else "group-by field"
+                errors.append(self._error(f"the {what} {missing!r} is null: the record has no window", "process",
+                                          row, where[i], field=missing))
+            table, times = table.filter(usable), times.filter(usable)
+            where = [w for w, ok in zip(where, usable.to_pylist()) if ok]
+        return table, times, where, errors
+
+    def _error(self, message: str, stage: str, record: Any, where: tuple[str, int, int],
+               field: str | None = None) -> RecordError:
+        topic, partition, offset = where
+        return RecordError(error=message, stage=stage, record=record, field=field,
+                           position=f"{topic}[{partition}]@{offset}", connector=self.name, topic=topic)
+
+    # -- output, dead letters, offsets and state: one commit ------------------------------------
+
+    async def _commit(self, emitted: pa.Table, errors: list[RecordError]) -> None:
+        produce = self._records(emitted) if emitted.num_rows else []
+        self.counters.errors += len(errors)
+        produce += self.dead_letters.batches(errors)  # raises DataError under tolerance none
+        snapshot = self.aggregation.snapshot()
+        offsets: dict[str, Any] = {f"{tp.topic}/{tp.partition}": pos for tp, pos in self._positions().items()}
+        offsets["state"] = {"stream_time": snapshot["stream_time"],
+                            "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}
+        await retrying(lambda: self.writer.produce(produce, offsets), self.counters, f"{self.name}: produce")
+        # A processor's records are delivered into windows; the windows it emits are counted apart.
+        self.counters.records_out += self.aggregated
+        self.counters.windows += emitted.num_rows
+        self.counters.dead_lettered += len(errors)
+        self.dead_letters.settled(self.aggregated, len(errors))
+        self.aggregated = 0
+
+    def _records(self, emitted: pa.Table) -> list[ProduceBatch]:
+        """The output records, encoded, one produce batch per partition of their key."""
+        columns = {}
+        for field in self.out_arrow:
+            column = emitted.column(field.name)
+            if field.name in ("window_start", "window_end"):
+                column = pc.cast(column, pa.timestamp("ms", tz="UTC"))
+            columns[field.name] = column.cast(field.type)
+        batch = pa.RecordBatch.from_pydict({k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v
+                                            for k, v in columns.items()}, schema=self.out_arrow)
+        values = self.output.encoder.encode_columns(batch)
+        if values is None:  # our own derived schema: a record that does not fit it is a bug
+            values, failures = self.output.encoder.rows.encode(batch.to_pylist())
+            if failures:
+                raise RuntimeError(f"{self.name}: an output record did not fit its derived schema: {failures[0]}")
+            values = pa.array(values, pa.binary())
+        keys = _keys(emitted, self.spec.keys)
+        parts = pa.array(partition_keys(keys, self.output.partitions), pa.int64())
+        now = int(time.time() * 1000)
+        out = []
+        for p in range(self.output.partitions):
+            picked = pc.indices_nonzero(pc.equal(parts, p))
+            if len(picked):
+                out.append(ProduceBatch(self.output.name, p, [keys[i] for i in picked.to_pylist()],
+                                        values.take(picked), [now] * len(picked)))
+        return out
+
+
+def _keys(emitted: pa.Table, fields: list[str]) -> list[bytes | None]:
+    """Each output record's key: its group-by value as text, or several as a JSON array."""
+    if not fields:
+        return [None] * emitted.num_rows
+    columns = [emitted.column(f).to_pylist() for f in fields]
+    if len(fields) == 1:
+        return [None if v is None else (v if isinstance(v, bytes) else str(v).encode()) for v in columns[0]]
+    return [json.dumps(list(values), default=str, ensure_ascii=False).encode() for values in zip(*columns)]
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+

@@ -1,0 +1,132 @@
+"""Processors through the CLI: windowed aggregates land in a topic that sinks read, equal
+to a DuckDB GROUP BY over the raw records; late and windowless records go to the
+dead-letter topic, named; `pipeline validate` names a processor's mistakes by line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import duckdb
+
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_views_per_minute_equal_a_group_by_over_the_raw_parquet(tmp_path: Path) -> None:
+    env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    spec = REPO / "pipelines" / "views-per-minute.yaml"
+    ran = run_cli("run", spec, "--once", env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    raw, views = f"{tmp_path}/out/activity/**/*.parquet", f"{tmp_path}/out/views-per-minute/**/*.parquet"
+    db = duckdb.connect()
+    expected = db.execute(f"""
+        select method, status, time_bucket(interval 1 minute, timestamp) as window_start, count(*),
+               sum(bytes), count(distinct remote_host), max(bytes)
+        from read_parquet('{raw}') where method is not null
+        group by all order by all""").fetchall()
+    got = db.execute(f"""
+        select method, status, window_start, views, bytes, visitors, largest
+        from read_parquet('{views}') order by all""").fetchall()
+    assert got == expected and len(got) > 100
+    ends = db.execute(f"select count(*) from read_parquet('{views}') "
+                      "where window_end - window_start <> interval 1 minute").fetchone()[0]
+    assert ends == 0
+    # The records with no method (request "-") have no group: dead-lettered, named.
+    letters = [json.loads(line) for line in run_cli("consume", "activity-dlq", "--from-beginning", "--spec", spec,
+                                                    env=env).stdout.splitlines()]
+    windowless = [d for d in letters if d["connector"] == "views"]
+    nulls = db.execute(f"select count(*) from read_parquet('{raw}') where method is null").fetchone()[0]
+    assert len(windowless) == nulls > 0
+    assert all(d["field"] == "method" and "group-by field 'method' is null" in d["error"] for d in windowless)
+    # A second run has nothing new to read: the processor resumes where its state and offsets are.
+    summary = json.loads(run_cli("run", spec, "--once", "--json", env=env).stdout)
+    assert [c for c in summary["connectors"] if c["name"] == "views"][0]["read"] == 0  # nothing new: nothing read
+
+
+def _spec(tmp_path: Path, records: list[dict], processor: str) -> Path:
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "event.avsc").write_text(json.dumps({"type": "record", "name": "Event", "fields": [
+        {"name": "page", "type": ["null", "string"], "default": None},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "size", "type": "long"},
+    ]}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: proc
+        topics:
+          events: {partitions: 1, schema: event.avsc}
+          counts: {partitions: 1}
+        sources:
+          - {name: in, connector: jsonl, topic: events, config: {paths: [in.jsonl]}}
+        processors:
+        """) + textwrap.indent(textwrap.dedent(processor), "  ") + textwrap.dedent("""\
+        sinks:
+          - {name: out, connector: jsonl, topics: [counts], config: {path: out}}
+        errors: {tolerance: all, dead_letter_topic: dlq}
+        """))
+    return spec
+
+
+def test_a_late_record_goes_to_the_dead_letter_topic_with_the_window_and_how_late(tmp_path: Path) -> None:
+    minute = 60_000
+    records = [{"page": "a", "at": 0, "size": 1}, {"page": "a", "at": 3 * minute, "size": 2},
+               {"page": "a", "at": 10_000, "size": 4},  # its window [0, 1m) closed at 1m30s: 1m30s late
+               {"page": "a", "at": 2 * minute + 50_000, "size": 8}]  # inside grace: counted
+    spec = _spec(tmp_path, records, """\
+        - name: per-minute
+          from: events
+          to: counts
+          key: page
+          time: at
+          window: {tumbling: 1m}
+          grace: 30s
+          aggregate: {n: count(), total: sum(size)}
+        """)
+    ran = run_cli("run", spec, "--once")
+    assert ran.returncode == 0, ran.stderr
+    out = [json.loads(line) for line in (tmp_path / "out" / "counts-0.jsonl").read_text().splitlines()]
+    windows = [(o["page"], o["window_start"], o["n"], o["total"]) for o in out]
+    assert windows == [("a", "1970-01-01T00:00:00+00:00", 1, 1), ("a", "1970-01-01T00:02:00+00:00", 1, 8),
+                       ("a", "1970-01-01T00:03:00+00:00", 1, 2)]
+    dlq = [json.loads(line) for line in run_cli("consume", "dlq", "--from-beginning", "--spec", spec).stdout.splitlines()]
+    (late,) = dlq
+    assert late["connector"] == "per-minute" and late["field"] == "at"
+    assert "late: window [1970-01-01T00:00:00Z, 1970-01-01T00:01:00Z) had closed 90000 ms before it came" in late["error"]
+
+
+def test_validate_names_a_processors_mistakes_by_line(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, [], """\
+        - name: bad
+          from: events
+          to: counts
+          key: [pages]
+          time: size2
+          window: {tumbling: 1x}
+          aggregate: {n: count(), total: sum(page), m: median(size)}
+        """)
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2
+    err = checked.stderr
+    assert "spec.yaml:14" in err and "expected a duration" in err  # window
+    assert "unknown aggregate 'median'" in err
+    fixed = spec.read_text().replace("1x", "1m").replace(", m: median(size)", "")
+    spec.write_text(fixed)
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2
+    assert "no field 'pages'" in checked.stderr and "no field 'size2'" in checked.stderr
+    assert "sum(page): 'page' is string, not a number" in checked.stderr
+
+
+def test_a_processor_that_feeds_itself_is_refused(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, [], """\
+        - name: loop
+          from: [events, counts]
+          to: counts
+          window: {tumbling: 1m}
+          aggregate: {n: count()}
+        """)
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "reads what it writes" in checked.stderr
