@@ -1,14 +1,15 @@
 """Kill -9 loop on the flagship job: proves that crashes at random moments neither lose nor
 duplicate a record (access log → http_log → Avro topic on the embedded broker → parquet).
 
-    python bench/kill_loop.py [--kills 20] [--lines 300000] [--seed N] [--keep]
+    python bench/kill_loop.py [--kills 20] [--lines 300000] [--seed N] [--keep] [--aggregate]
 
 It generates an access log, runs the job once uninterrupted into a reference directory,
 then, in a second directory, starts `pipeline run spec.yaml --once` and SIGKILLs it after a
 random delay, --kills times, and finally lets one run finish (it must exit 0). DuckDB then
 compares the two Parquet datasets as multisets (`EXCEPT ALL` both ways), so identical log
 lines are counted, not merged: lost = reference rows missing from the killed run's output,
-doubled = rows it has beyond the reference. Exit 1 if any row is lost or doubled, a run
+doubled = rows it has beyond the reference. With --aggregate a processor counts views per
+minute and status as well, and its windows are compared the same way. Exit 1 if any row is lost or doubled, a run
 fails, or the final run does not exit 0; the work directory is then kept for inspection.
 
 Kill delays are uniform between 0.3 s and the time a restart takes when only the sink's
@@ -53,12 +54,33 @@ errors: {{tolerance: all, dead_letter_topic: activity-dlq}}
 """
 
 
-def job_dir(path: Path, logs: Path) -> Path:
+# With --aggregate: views per minute and status too (a processor), into out-views/.
+AGGREGATE = """\
+processors:
+  - name: views
+    from: activity
+    to: views
+    key: [method, status]
+    time: timestamp
+    window: {tumbling: 1m}
+    grace: 30s
+    aggregate: {views: count(), bytes: sum(bytes), visitors: count_distinct(remote_host), largest: max(bytes)}
+"""
+AGGREGATE_SINK = """\
+  - {name: views-parquet, connector: parquet, topics: [views], config: {path: out-views, partition_by: window_start}}
+"""
+
+
+def job_dir(path: Path, logs: Path, aggregate: bool = False) -> Path:
     """A directory holding the spec and (a link to) the log."""
     path.mkdir()
     (path / "logs").symlink_to(logs, target_is_directory=True)
     schema = REPO / "pipelines" / "schemas" / "activity.avsc"
-    (path / "spec.yaml").write_text(SPEC.format(schema=json.dumps(str(schema))))
+    spec = SPEC.format(schema=json.dumps(str(schema)))
+    if aggregate:
+        spec = spec.replace("sources:", "  views: {partitions: 2}\nsources:").replace("sinks:", AGGREGATE + "sinks:")
+        spec = spec.replace("errors:", AGGREGATE_SINK + "errors:")
+    (path / "spec.yaml").write_text(spec)
     return path
 
 
@@ -86,8 +108,8 @@ def progress(cwd: Path) -> tuple[int, int] | None:
     if proc.returncode != 0:
         return None
     state = json.loads(proc.stdout)
-    lines = sum(o.get("line", 0) for s in state["sources"] for o in s["offsets"].values())
-    return lines, sum(p["end"] for s in state["sinks"] for p in s["partitions"])
+    lines = sum(o.get("line", 0) for s in state["sources"] if s["name"] == "logs" for o in s["offsets"].values())
+    return lines, sum(p["end"] for s in state["sinks"] if s["name"] == "parquet" for p in s["partitions"])
 
 
 def main() -> int:
@@ -96,6 +118,8 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="add a processor (views per minute and status) and compare its windows too")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -108,17 +132,17 @@ def main() -> int:
         check=True,
     )
 
-    ref = job_dir(work / "reference", work / "logs")
+    ref = job_dir(work / "reference", work / "logs", args.aggregate)
     t_full = run_to_end(ref)
     # A restart with the whole log already in the topic and no Parquet yet: the shortest
     # run that still has everything to write, so the upper bound of the kill delays.
-    sink_only = job_dir(work / "sink-only", work / "logs")
+    sink_only = job_dir(work / "sink-only", work / "logs", args.aggregate)
     shutil.copytree(ref / ".pipeline", sink_only / ".pipeline")
     t_sink = run_to_end(sink_only)
     shutil.rmtree(sink_only)
     print(f"uninterrupted run {t_full:.1f} s, restart with only the sink's work left {t_sink:.1f} s")
 
-    killed = job_dir(work / "killed", work / "logs")
+    killed = job_dir(work / "killed", work / "logs", args.aggregate)
     complete = out_files(ref)  # the reference's committed files: the job's finished output
     mid_run, problems = 0, []
     for i in range(1, args.kills + 1):
@@ -181,6 +205,17 @@ def main() -> int:
         p.name for p in (killed / "out").rglob("*.parquet"))
     leftover = out_files(killed)[1]
 
+    if args.aggregate:  # the windows: each once, with the same values
+        def windows(d: str) -> str:
+            return f"(select * from read_parquet('{work / d / 'out-views'}/**/*.parquet'))"
+
+        expected_windows, found_windows = count(windows("reference")), count(windows("killed"))
+        missing = count(f"({windows('reference')} except all {windows('killed')})")
+        extra = count(f"({windows('killed')} except all {windows('reference')})")
+        print(f"windows expected  {expected_windows:,}; found {found_windows:,}; missing {missing:,}; "
+              f"extra or different {extra:,}")
+        if missing or extra:
+            problems.append(f"windows: {missing:,} missing, {extra:,} extra or different")
     print(f"kills             {args.kills}")
     print(f"kills mid-run     {mid_run}")
     print(f"rows expected     {args.lines:,} (reference run: {expected:,})")

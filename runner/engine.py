@@ -84,6 +84,11 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
 
     spec = load_spec(path, check_connector=check_connector, load_plugin_paths=load_paths)
     problems = _plan_processors(spec)
+    if spec.processors and spec.broker.kind == "kafka":
+        # Every process of a pipeline would run each processor: outputs doubled. One owner
+        # per processor (as source tasks have) and a changelog for its state come first.
+        problems.append(Problem("processors run on the embedded broker only, for now: on Kafka every `pipeline run` "
+                                "process would run them", path="processors"))
     problems += [
         Problem(
             f"topic {t!r} has no schema (a raw topic); only sinks that take bytes "

@@ -5,6 +5,7 @@ stdout, in order, until stdin closes."""
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import signal
 import sys
@@ -29,7 +30,10 @@ def serve(format_text: str) -> None:
             answer = ("ok", log_format.parse_columns(lines, escapes="\\" in text, text=text))  # one scan of the chunk
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which stops the run
             answer = ("error", f"{type(exc).__name__}: {exc}")
-        send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+        try:
+            send(stdout, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+        except BrokenPipeError:  # the engine is gone (killed): nothing to answer, nothing to say
+            os._exit(0)
 
 
 if __name__ == "__main__":
