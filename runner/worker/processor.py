@@ -1,20 +1,22 @@
 """The processor runner: input topics → windowed aggregation → output topic.
 
 One task per processor reads every partition of its input topics (no consumer group: it
-keeps its own offsets) and aggregates a fetched batch at a time (`runner.processing.
-windows`). After each batch it hands the broker, through the same writer a source task
-uses, the output records, the dead letters and, as the task's offsets, the input
-positions and the aggregation state. On the embedded broker these commit in one
-transaction, so a crash anywhere resumes from the last batch exactly: no window is lost
+keeps its own offsets) and aggregates a batch at a time (`runner.processing.windows`).
+Fetched records wait per partition until every partition has got past them in event time
+(`_release`), so partitions read at different paces do not make each other's records
+late. After each batch it hands the broker, through the same writer a source task uses,
+the output records, the dead letters and, as the task's offsets, where each input
+partition resumes and the aggregation state. On the embedded broker these commit in one
+transaction, so a crash anywhere resumes from the last commit exactly: no window is lost
 or emitted twice.
 
 Event time comes from the `time:` field, or from the records' topic timestamps. A record
 with no time or a null group-by field, or that came after its window closed (late), goes
 to the dead-letter topic, named with the processor and field (and, when late, the window
-and by how much). With `idle_close`, a processor that has had no input for that long moves
+and by how much). With `idle_close`, a processor that has had no input for that long
 closes every open window (the stream time moves just past them). A `--once` run ends its
-input like a bounded stream: when the sources are done and every input partition is read
-to its end, every open window is emitted.
+input like a bounded stream: when what feeds it has ended and every input partition is
+read to its end, every open window is emitted.
 
 The state travels with the offsets (Arrow IPC, base64 in the offsets' JSON). That suits
 the state of open windows; a changelog topic for large state is yet to come.
