@@ -262,7 +262,8 @@ def validate(as_json: bool, spec_path: str) -> None:
     if as_json:
         click.echo(json.dumps({
             "spec": spec_path, "ok": True, "problems": [p.as_json() for p in spec.warnings],
-            "sources": len(spec.sources), "sinks": len(spec.sinks), "topics": len(spec.topics),
+            "sources": len(spec.sources), "sinks": len(spec.sinks), "processors": len(spec.processors),
+            "topics": len(spec.topics),
             "broker": spec.broker.kind, "state_dir": str(spec.state_dir),
         }, indent=2))
         return
@@ -270,7 +271,8 @@ def validate(as_json: bool, spec_path: str) -> None:
         click.echo(str(warning), err=True)
     click.echo(
         f"{spec_path}: ok — {len(spec.sources)} source(s), {len(spec.sinks)} sink(s), "
-        f"{len(spec.topics)} topic(s), broker {spec.broker.kind}, state in {spec.state_dir}"
+        + (f"{len(spec.processors)} processor(s), " if spec.processors else "")
+        + f"{len(spec.topics)} topic(s), broker {spec.broker.kind}, state in {spec.state_dir}"
         + (f"; {len(spec.warnings)} warning(s)" if spec.warnings else "")
     )
 

@@ -42,6 +42,8 @@ def test_views_per_minute_equal_a_group_by_over_the_raw_parquet(tmp_path: Path) 
     assert len(windowless) == nulls > 0
     assert all(d["field"] == "method" and "group-by field 'method' is null" in d["error"] for d in windowless)
     # A second run has nothing new to read: the processor resumes where its state and offsets are.
+    checked = run_cli("validate", spec, env=env)
+    assert "1 source(s), 2 sink(s), 1 processor(s), 2 topic(s)" in checked.stdout
     summary = json.loads(run_cli("run", spec, "--once", "--json", env=env).stdout)
     assert [c for c in summary["connectors"] if c["name"] == "views"][0]["read"] == 0  # nothing new: nothing read
 
