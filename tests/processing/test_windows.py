@@ -93,7 +93,7 @@ def streams(draw):
     return window, grace, draw(st.sampled_from(["final", "updates"])), batches
 
 
-@settings(max_examples=int(os.environ.get("WINDOW_EXAMPLES", 150)), deadline=None)
+@settings(max_examples=int(os.environ.get("WINDOW_EXAMPLES", 100)), deadline=None)
 @given(streams())
 def test_batches_with_arrow_give_what_one_record_at_a_time_gives(stream) -> None:
     window, grace, emit, batches = stream
