@@ -287,17 +287,24 @@ class WindowedAggregation:
         state = self._state
         if state is None or state.num_rows == 0:
             return self._records(state.slice(0, 0) if state is not None else None)
-        if self.emit == "updates":
-            return self._records(state.filter(changed) if changed is not None else state.slice(0, 0))
         horizon = self.stream_time - self.window.size - self.grace  # windows starting there or before are closed
         closed = pc.less_equal(state.column("__start"), horizon)
+        if self.emit == "updates":
+            out = self._records(state.filter(changed) if changed is not None else state.slice(0, 0))
+            self._drop(closed, horizon)  # emitted as they changed; nothing can change them now
+            return out
         if not pc.any(closed).as_py():
             return self._records(state.slice(0, 0))
         out = state.filter(closed)
-        self._state = state.filter(pc.invert(closed))
-        for f, table in self._distinct.items():
-            self._distinct[f] = table.filter(pc.greater(table.column("__start"), horizon))
+        self._drop(closed, horizon)
         return self._records(out)
+
+    def _drop(self, closed: pa.Array, horizon: int) -> None:
+        """Closed windows out of the state (bounded: only open windows are kept)."""
+        if pc.any(closed).as_py():
+            self._state = self._state.filter(pc.invert(closed))
+            for f, table in self._distinct.items():
+                self._distinct[f] = table.filter(pc.greater(table.column("__start"), horizon))
 
     def _records(self, state: pa.Table | None) -> pa.Table:
         """Output records of state rows: key fields, window_start, window_end, aggregates."""

@@ -22,11 +22,12 @@ AGGREGATES = [
 
 
 def reference(window, grace, emit, batches):
-    """One record at a time: (emitted per batch, late per batch, windows missed)."""
+    """One record at a time: (emitted per batch, late per batch, windows missed, windows
+    still open after each batch)."""
     size = window.size
     advance = getattr(window, "advance", size)
     state, stream = {}, None
-    emitted, late, missed_total = [], [], 0
+    emitted, late, missed_total, open_windows = [], [], 0, []
     for batch in batches:
         changed, out, batch_late = set(), [], []
         for i, (k, t, v, u) in enumerate(batch):
@@ -55,7 +56,8 @@ def reference(window, grace, emit, batches):
             out = [value(key, state[key], size) for key in sorted(changed, key=order)]
         emitted.append(out)
         late.append(batch_late)
-    return emitted, late, missed_total
+        open_windows.append(sum(1 for s, _ in state if s + size + grace > stream))
+    return emitted, late, missed_total, open_windows
 
 
 def order(key):
@@ -97,16 +99,17 @@ def streams(draw):
 @given(streams())
 def test_batches_with_arrow_give_what_one_record_at_a_time_gives(stream) -> None:
     window, grace, emit, batches = stream
-    expected_emitted, expected_late, expected_missed = reference(window, grace, emit, batches)
+    expected_emitted, expected_late, expected_missed, expected_open = reference(window, grace, emit, batches)
     agg = WindowedAggregation(window, ["k"], AGGREGATES, grace=grace, emit=emit)
     missed = 0
-    for batch, want_out, want_late in zip(batches, expected_emitted, expected_late):
+    for batch, want_out, want_late, want_open in zip(batches, expected_emitted, expected_late, expected_open):
         columns = pa.table({"k": pa.array([r[0] for r in batch], pa.string()),
                             "v": pa.array([r[2] for r in batch], pa.int64()),
                             "u": pa.array([r[3] for r in batch], pa.string())})
         result = agg.process(columns, pa.array([r[1] for r in batch], pa.int64()))
         assert result.emitted.to_pylist() == want_out
         assert [(x.index, x.window_start, x.window_end, x.late_by) for x in result.late] == want_late
+        assert agg.open_windows == want_open  # closed windows leave the state, in both emit modes
         missed += result.late_windows
     assert missed == expected_missed
 
