@@ -34,14 +34,13 @@ as Arrow IPC bytes), for a state store.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 FUNCTIONS = ("count", "sum", "min", "max", "mean", "count_distinct", "first", "last")
-NUMERIC = ("sum", "mean")  # need a numeric field
 
 
 def _floor(times: pa.Array, unit: int) -> pa.Array:
@@ -139,9 +138,9 @@ class WindowedAggregation:
         latest = pc.max(times).as_py()
         self.stream_time = latest if self.stream_time is None else max(self.stream_time, latest)
         size = self.window.size
-        index = pa.array(range(n), pa.int64())
+        index = pc.subtract(pc.cumulative_sum(_repeat(1, n, pa.int64())), 1)  # arrival order
         parts = []
-        holding = missing = pa.array([0] * n, pa.int64())
+        holding = missing = _repeat(0, n, pa.int64())
         last_missed = pa.nulls(n, pa.int64())
         for starts in self.window.starts(times):
             holds = pc.greater(pc.add(starts, size), times)  # the window reaches the record
@@ -234,7 +233,7 @@ class WindowedAggregation:
         p = rows.group_by(groups, use_threads=False).aggregate(specs)
         batch = {g: p.column(g) for g in groups}
         batch["count"] = p.column("count_all")  # (group order does not matter here)
-        batch["changed"] = pa.array([True] * p.num_rows)
+        batch["changed"] = _repeat(True, p.num_rows, pa.bool_())
         for f in self._sums:
             batch[f"sum:{f}"], batch[f"n:{f}"] = p.column(f + "_sum"), p.column(f + "_count")
         for f in self._mins:
@@ -249,19 +248,19 @@ class WindowedAggregation:
         parts = [batch_table]
         if self._state is not None:
             parts.insert(0, self._state.drop_columns([c for c in self._state.column_names if c.startswith("nd:")])
-                         .append_column("changed", pa.array([False] * self._state.num_rows)))
+                         .append_column("changed", _repeat(False, self._state.num_rows, pa.bool_())))
         # The distinct values seen per group: one row each (new ones merged in).
         for f in self._distincts:
             seen = rows.select([*groups, f]).filter(pc.is_valid(rows.column(f)))
             if f in self._distinct:
                 seen = pa.concat_tables([self._distinct[f], seen])
             self._distinct[f] = seen.group_by([*groups, f], use_threads=False).aggregate([])
-            marks = self._distinct[f].select(groups).append_column(f"nd:{f}", pa.array([1] * self._distinct[f].num_rows, pa.int64()))
+            marks = self._distinct[f].select(groups).append_column(f"nd:{f}", _repeat(1, self._distinct[f].num_rows, pa.int64()))
             parts.append(marks)
         merged = pa.concat_tables(parts, promote_options="default")
         # State rows come before batch rows within a group: ties in first/last go to the
         # earlier arrival (first) or the later one (last).
-        merged = merged.append_column("__source", pa.array(range(merged.num_rows), pa.int64()))
+        merged = merged.append_column("__source", pc.subtract(pc.cumulative_sum(_repeat(1, merged.num_rows, pa.int64())), 1))
         main: list[tuple] = [("count", "sum"), ("changed", "max")]
         main += [s for f in self._sums for s in ((f"sum:{f}", "sum"), (f"n:{f}", "sum"))]
         main += [(f"min:{f}", "min") for f in self._mins] + [(f"max:{f}", "max") for f in self._maxs]
@@ -328,6 +327,11 @@ class WindowedAggregation:
             elif a.function == "count_distinct":
                 columns[a.name] = pc.fill_null(state.column(f"nd:{f}"), 0)
         return pa.table(columns)
+
+
+def _repeat(value: Any, n: int, arrow_type: pa.DataType) -> pa.Array:
+    """`n` times `value`, without a Python list of them."""
+    return pa.repeat(pa.scalar(value, arrow_type), n)
 
 
 def _fields(aggregates: list[Aggregate], *functions: str) -> list[str]:
