@@ -16,7 +16,7 @@ epoch milliseconds) and returns what the batch emits. Per batch, no Python per r
    aggregates; they merge with the state, which is an Arrow table too (one row per open
    window and key), by grouping state and batch partials together. No Python per record
    or per window: a batch of 10,000 activity records with about 5,000 (path, status,
-   minute) groups aggregates at about 700,000 records/s here, a dict loop over the same
+   minute) groups aggregates at about 1,000,000 records/s here, a dict loop over the same
    records as dicts at 230,000.
 4. `emit: final`: the windows the stream time has closed are emitted once, in window then
    key order (None keys first), and dropped from the state. `emit: updates`: every window
