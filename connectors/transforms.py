@@ -127,7 +127,6 @@ route (sources only)
 
 from __future__ import annotations
 
-import ast
 import base64
 import copy
 import datetime as dt
@@ -138,8 +137,9 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-import simpleeval
+import pyarrow as pa
 
+from runner.expressions import Condition, parse
 from runner.transform import Batch, Config, ConfigError, Transform, setting
 
 __all__ = ["Cast", "Drop", "Filter", "Insert", "Mask", "Rename", "Route", "TimestampConverter", "TRANSFORMS"]
@@ -769,37 +769,6 @@ class TimestampConverter(Transform):
 
 # -- filter ------------------------------------------------------------------------------
 
-_FUNCTIONS = {
-    "int": int, "float": float, "str": str, "bool": bool, "len": len, "abs": abs, "min": min, "max": max,
-    "round": round,
-}
-
-
-def _parse_expression(expr: str) -> ast.AST:
-    """The parsed expression, or ValueError with a message fit for `validate`."""
-    text = expr.strip()
-    if not text:
-        raise ValueError("the expression is empty")
-    if "\n" in text:  # a YAML block scalar: the lines are one expression
-        text = f"(\n{text}\n)"
-    try:
-        tree = ast.parse(text, mode="exec")
-    except SyntaxError as exc:
-        where = f" at column {exc.offset}" if exc.offset else ""
-        raise ValueError(f"syntax error in {expr!r}{where}: {exc.msg}") from None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
-        raise ValueError(f"{expr!r} is not one expression (a condition such as \"status >= 500\")")
-    return tree.body[0]
-
-
-def _expression_names(node: ast.AST) -> list[str]:
-    """The names an expression reads (the record's fields it uses), in order."""
-    bound = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    names = [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
-    return [n for n in dict.fromkeys(names) if n not in bound and n not in _FUNCTIONS
-            and n not in ("list", "tuple", "dict", "set")]
-
-
 class Filter(Transform):
     name = "filter"
     description = "Keep or drop records by a condition over their fields (e.g. \"status >= 500\")."
@@ -814,7 +783,7 @@ class Filter(Transform):
             for key in ("keep", "drop"):
                 if isinstance(given.get(key), str):
                     try:
-                        _parse_expression(given[key])
+                        parse(given[key])
                     except ValueError as exc:
                         problems.append((key, str(exc)))
             return problems
@@ -822,46 +791,28 @@ class Filter(Transform):
     def __init__(self, config: Any, context: Any) -> None:
         super().__init__(config, context)
         self.keep = config.keep is not None
-        self.expression = config.keep if self.keep else config.drop
-        self.parsed = _parse_expression(self.expression)
-        self.names = _expression_names(self.parsed)
-        self.evaluator = simpleeval.EvalWithCompoundTypes(functions=dict(_FUNCTIONS))
+        expression = config.keep if self.keep else config.drop
+        self.condition = Condition(expression, label=f"{'keep' if self.keep else 'drop'} {expression!r}")
+        self.names = self.condition.names
 
     def apply(self, batch: Batch) -> Batch:
-        evaluator, expr, parsed, keep = self.evaluator, self.expression, self.parsed, self.keep
-        rows = batch.rows
-        kept: list[int] = []
-        errors = []
-        for i, row in enumerate(rows):
-            evaluator.names = row
-            try:
-                if bool(evaluator.eval(expr, previously_parsed=parsed)) is keep:
-                    kept.append(i)
-            except Exception as exc:  # the expression on this record's data: a record error
-                message, field = self._explain(row, exc)
-                errors.append(self.record_error(batch, i, message, field))
-        if len(kept) == len(rows):
-            return batch
-        return batch.derive([rows[i] for i in kept], kept=kept, errors=errors)
-
-    def _explain(self, row: dict, exc: Exception) -> tuple[str, str | None]:
-        what = f"{'keep' if self.keep else 'drop'} {self.expression!r}"
-        if isinstance(exc, simpleeval.NameNotDefined):
-            return f"cannot evaluate {what}: the record has no field {exc.name!r}", exc.name
-        if isinstance(exc, simpleeval.InvalidExpression):  # its message repeats the expression
-            reason = re.sub(r"\s*(?:in|for) expression '.*'$", "", str(exc), flags=re.S)
+        # A columnar batch stays columns (Arrow kernels where the condition compiles).
+        if batch.columnar:
+            columns = pa.Table.from_batches([batch.columns])
+            mask, failed = self.condition.mask(columns)
+            holds = mask.to_pylist()
         else:
-            reason = f"{type(exc).__name__}: {exc}"
-        if len(reason) > 200:
-            reason = reason[:200] + "…"
-        missing = [n for n in self.names if n not in row]
-        if missing:
-            return f"cannot evaluate {what}: the record has no field {missing[0]!r} ({reason})", missing[0]
-        nulls = [n for n in self.names if row.get(n) is None]
-        if nulls:
-            return f"cannot evaluate {what}: field {nulls[0]!r} is null ({reason})", nulls[0]
-        field = self.names[0] if len(self.names) == 1 else None
-        return f"cannot evaluate {what} ({reason})", field
+            holds, failed = self.condition.rows(batch.rows)
+        kept = [i for i, h in enumerate(holds) if h is self.keep and i not in failed]
+        errors = [self.record_error(batch, i, message, field) for i, (message, field) in sorted(failed.items())]
+        if len(kept) == len(batch):
+            return batch
+        if batch.columnar:
+            picked = columns.take(pa.array(kept, pa.int64())).combine_chunks()
+            return batch.derive(columns=picked.to_batches()[0] if picked.num_rows else
+                                pa.RecordBatch.from_pylist([], schema=columns.schema), kept=kept, errors=errors)
+        rows = batch.rows
+        return batch.derive([rows[i] for i in kept], kept=kept, errors=errors)
 
     def schema(self, schema: dict) -> dict:
         _need(self.name, schema, self.names)  # every name the expression reads is a field
