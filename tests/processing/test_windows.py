@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -135,3 +137,38 @@ def test_state_survives_a_snapshot() -> None:
     mine, theirs = one.process(*rest), two.process(*rest)
     assert mine.emitted.to_pylist() == theirs.emitted.to_pylist() != []
     assert (mine.late, mine.late_windows) == (theirs.late, theirs.late_windows)
+
+
+def _collision_stream(seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    clock, records = 0, []
+    for _ in range(200):
+        clock += rng.randrange(0, 4)
+        records.append((rng.choice(["a", "b", None]), rng.choice([1, 2]), clock - rng.choice([0, 0, 2, 9]),
+                        rng.choice([None, 1, 2, 3]), rng.choice(["x", None])))
+    return records
+
+
+@pytest.mark.parametrize("window", [Tumbling(7), Hopping(8, 3)], ids=repr)
+@pytest.mark.parametrize("emit", ["final", "updates"])
+def test_user_fields_named_like_internal_columns_do_not_collide(window, emit) -> None:
+    """Key and aggregated fields named as the internal columns were (`__start`, `count`, ...)
+    or as group_by names its results (`v_sum`) aggregate as plain names do."""
+    plain = (["k", "j"], "v", "u")
+    clashing = (["__start", "__index_sum"], "__index", "count")  # "__time", "changed", "__source" ride along
+    outputs = []
+    for keys, v, u in (plain, clashing):
+        aggregates = [Aggregate("n", "count"), Aggregate("s", "sum", v), Aggregate("m", "mean", v),
+                      Aggregate("lo", "min", v), Aggregate("hi", "max", v), Aggregate("d", "count_distinct", v),
+                      Aggregate("f", "first", u), Aggregate("l", "last", v), Aggregate("ku", "count_distinct", keys[1])]
+        agg = WindowedAggregation(window, keys, aggregates, grace=4, emit=emit)
+        records, out = _collision_stream(7), []
+        for a, b in ((0, 70), (70, 150), (150, 200)):
+            batch = records[a:b]
+            extra = {"__time": [1] * len(batch), "changed": [2] * len(batch), "__source": [3] * len(batch)}
+            columns = pa.table({keys[0]: [r[0] for r in batch], keys[1]: [r[1] for r in batch],
+                                v: pa.array([r[3] for r in batch], pa.int64()), u: [r[4] for r in batch], **extra})
+            out += agg.process(columns, pa.array([r[2] for r in batch], pa.int64())).emitted.to_pylist()
+        out += agg.close_all().to_pylist()
+        outputs.append([{("k" if f == keys[0] else "j" if f == keys[1] else f): x for f, x in row.items()} for row in out])
+    assert outputs[0] == outputs[1] != []
