@@ -123,9 +123,11 @@ def _plan_processors(spec: Spec) -> list[Problem]:
     todo = list(spec.processors)
     while todo:
         outputs = {p.output for p in todo}
-        ready = [p for p in todo if not outputs & set(p.inputs)] or todo  # a cycle was refused already
+        ready = [p for p in todo if not outputs & set(p.reads)] or todo  # a cycle was refused already
         for p in ready:
-            found = plan(p, {t: spec.topics[t].schema if t in spec.topics else None for t in p.inputs})
+            output = spec.topics.get(p.output)
+            found = plan(p, {t: spec.topics[t].schema if t in spec.topics else None for t in p.reads},
+                         output.schema if output is not None else None)
             problems += [Problem(message, path=path) for path, message in found.problems]
             if not found.problems:
                 spec.topics[p.output].schema = found.schema
@@ -502,7 +504,7 @@ class Pipeline:
         """An event set when everything feeding processor `p` has ended (--once only)."""
         if sources_done is None:
             return None
-        feeding = [done[q.name] for q in processors if q.output in p.inputs]
+        feeding = [done[q.name] for q in processors if q.output in p.reads]
         event = asyncio.Event()
 
         async def watch() -> None:
@@ -518,9 +520,10 @@ class Pipeline:
                           dead_letters: DeadLetters, upstream_done: asyncio.Event | None) -> ProcessorRunner:
         counters = Counters(p.name, "processor", target=f"{', '.join(p.inputs)} → {p.output}")
         self.counters.append(counters)
-        found = plan(p, {t: self.spec.topics[t].schema for t in p.inputs})
+        found = plan(p, {t: self.spec.topics[t].schema for t in p.reads})
         return ProcessorRunner(p, {t: topics[t] for t in p.inputs}, topics[p.output], broker, registry.schema_by_id,
-                               dead_letters, counters, self.stop_event, upstream_done, found.time_is_timestamp)
+                               dead_letters, counters, self.stop_event, upstream_done, found.time_is_timestamp,
+                               table=topics[p.join.table] if p.join is not None else None)
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []

@@ -1,10 +1,19 @@
 """What a processor needs of its input topics' schemas, and the schema it writes.
 
-`plan(processor, schemas)` checks that the key, time and aggregated fields exist in every
+`plan(processor, schemas, given)` checks that the fields a processor uses exist in every
 input (merged topics match fields by name) with types their use accepts, and derives the
-output's Avro schema: the key fields as they are, `window_start` and `window_end` as
-timestamp-millis, then each aggregate (count and count_distinct: long; sum: long or double;
-mean: double; min, max, first, last: the field's type; all but the counts nullable).
+output's Avro schema:
+
+- an aggregation: the key fields as they are, `window_start` and `window_end` as
+  timestamp-millis, then each aggregate (count and count_distinct: long; sum: long or
+  double; mean: double; min, max, first, last: the field's type; all but the counts
+  nullable);
+- a join or a pass (merge, filter): the fields every input has (as the first input has
+  them; their types must agree), then the table's joined fields (nullable in a left join).
+
+When the output topic declares a schema of its own (`given`), the derived records must fit
+it: every derived field is there with the same type (nullable where the derived one is),
+and every other field has a default.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runner.expressions import names, parse
 from runner.spec.model import ProcessorSpec
 
 _NUMERIC = ("int", "long", "float", "double")
@@ -25,9 +35,28 @@ class Plan:
     problems: list[tuple[str, str]]  # (key path, message)
 
 
-def plan(p: ProcessorSpec, schemas: dict[str, dict | None]) -> Plan:
-    problems: list[tuple[str, str]] = []
-    fields: dict[str, Any] = {}  # name -> Avro type (null removed), as in the first input that has it
+def plan(p: ProcessorSpec, schemas: dict[str, dict | None], given: dict | None = None) -> Plan:
+    """`schemas`: every topic the processor reads (inputs and table); `given`: the output
+    topic's declared schema, if any."""
+    found = _aggregation(p, schemas) if p.kind == "aggregate" else _passing(p, schemas)
+    if p.where is not None:
+        for topic in p.inputs:
+            own = {f["name"] for f in (schemas.get(topic) or {}).get("fields", [])}
+            missing = [n for n in names(parse(p.where)) if n not in own]
+            if schemas.get(topic) is not None and missing:
+                found.problems.append((f"{p.key_path}.where", f"no field {missing[0]!r} in {topic!r} (the condition "
+                                       f"reads it); fields: {', '.join(sorted(own)) or 'none'}"))
+    if given is not None and not found.problems:
+        found.problems += [(f"{p.key_path}.to", message) for message in _misfits(found.schema, given)]
+        found.schema = given
+    return found
+
+
+def _input_fields(p: ProcessorSpec, schemas: dict[str, dict | None], used: list[str],
+                  problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """name -> Avro type (null removed), as in the first input that has it; problems for
+    inputs without a schema and merged inputs without a field the processor uses."""
+    fields: dict[str, Any] = {}
     for topic in p.inputs:
         schema = schemas.get(topic)
         if schema is None:
@@ -38,10 +67,98 @@ def plan(p: ProcessorSpec, schemas: dict[str, dict | None]) -> Plan:
         for name, avro in own.items():
             fields.setdefault(name, avro)
         if len(p.inputs) > 1:
-            for name in [*p.keys, *(f for _, _, f in p.aggregates if f), *([p.time] if p.time else [])]:
+            for name in used:
                 if name not in own:
                     problems.append((f"{p.key_path}.from", f"topic {topic!r} has no field {name!r} (merged topics "
                                      "need every field the processor uses)"))
+    return fields
+
+
+def _passing(p: ProcessorSpec, schemas: dict[str, dict | None]) -> Plan:
+    """A join or a pass: the inputs' common fields, then the table's joined ones."""
+    problems: list[tuple[str, str]] = []
+    used = [*([p.join.on] if p.join else [])]
+    fields = _input_fields(p, schemas, used, problems)
+    if problems:
+        return Plan({}, False, problems)
+    records = [schemas[t] for t in p.inputs]
+    out_fields = []
+    for field in records[0].get("fields", []):
+        others = [next((f for f in r.get("fields", []) if f["name"] == field["name"]), None) for r in records[1:]]
+        if any(o is None for o in others):
+            continue  # merged topics keep the fields they all have
+        for topic, other in zip(p.inputs[1:], others):
+            if _non_null(other["type"]) != _non_null(field["type"]):
+                problems.append((f"{p.key_path}.from", f"field {field['name']!r} is {_name(_non_null(field['type']))} "
+                                 f"in {p.inputs[0]!r} but {_name(_non_null(other['type']))} in {topic!r}"))
+        nullable = any(_nullable(f["type"]) for f in [field, *others])
+        out_fields.append(_field(field, nullable))
+    if p.join is not None:
+        at = f"{p.key_path}.join"
+        on = fields.get(p.join.on)
+        if p.join.on not in fields:
+            problems.append((f"{at}.on", f"no field {p.join.on!r} in {', '.join(p.inputs)} (the join key); fields: "
+                             f"{', '.join(fields) or 'none'}"))
+        elif _name(on) not in ("string", "int", "long"):
+            problems.append((f"{at}.on", f"join key {p.join.on!r} is {_name(on)}; it matches the table's record "
+                             "keys as text: join on a string, int or long"))
+        table = schemas.get(p.join.table)
+        if table is None:
+            problems.append((f"{at}.table", f"topic {p.join.table!r} has no schema (a raw topic): a table's "
+                             "records are decoded"))
+            return Plan({}, False, problems)
+        own = {f["name"]: f for f in table.get("fields", [])}
+        for name in p.join.fields or list(own):
+            if name not in own:
+                problems.append((f"{at}.fields", f"no field {name!r} in table {p.join.table!r}; fields: "
+                                 f"{', '.join(own) or 'none'}"))
+            elif name in fields:
+                problems.append((f"{at}.fields", f"field {name!r} is in {', '.join(p.inputs)} already; join "
+                                 "other fields, or rename it in one of them"))
+            else:
+                out_fields.append(_field(own[name], p.join.how == "left" or _nullable(own[name]["type"])))
+    what = f"records of {', '.join(p.inputs)}" + (f" joined with {p.join.table}" if p.join else "")
+    schema = {"type": "record", "name": _record_name(p.name), "doc": f"{what} (processor {p.name})",
+              "fields": out_fields}
+    return Plan(schema, False, problems)
+
+
+def _field(field: dict, nullable: bool) -> dict:
+    """A field as it is (doc and default kept), nullable (null first, default null) if asked."""
+    out = {k: v for k, v in field.items() if k in ("name", "type", "doc", "default")}
+    if nullable and not _nullable(field["type"]):
+        out["type"] = ["null", field["type"]]
+        out["default"] = None
+    return out
+
+
+def _nullable(avro: Any) -> bool:
+    return avro == "null" or (isinstance(avro, list) and "null" in avro)
+
+
+def _misfits(derived: dict, given: dict) -> list[str]:
+    """Why records of `derived` do not fit `given` (none: they do)."""
+    own = {f["name"]: f for f in given.get("fields", [])}
+    problems = []
+    for field in derived["fields"]:
+        theirs = own.get(field["name"])
+        if theirs is None:
+            problems.append(f"the output topic's schema has no field {field['name']!r}, which the processor writes")
+        elif _non_null(theirs["type"]) != _non_null(field["type"]):
+            problems.append(f"field {field['name']!r} is {_name(_non_null(theirs['type']))} in the output topic's "
+                            f"schema but the processor writes {_name(_non_null(field['type']))}")
+        elif _nullable(field["type"]) and not _nullable(theirs["type"]):
+            problems.append(f"field {field['name']!r} may be null, but the output topic's schema does not allow null")
+    written = {f["name"] for f in derived["fields"]}
+    problems += [f"field {name!r} of the output topic's schema is not written by the processor and has no default"
+                 for name, f in own.items() if name not in written and "default" not in f]
+    return problems
+
+
+def _aggregation(p: ProcessorSpec, schemas: dict[str, dict | None]) -> Plan:
+    problems: list[tuple[str, str]] = []
+    used = [*p.keys, *(f for _, _, f in p.aggregates if f), *([p.time] if p.time else [])]
+    fields = _input_fields(p, schemas, used, problems)
     if problems:
         return Plan({}, False, problems)
 

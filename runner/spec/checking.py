@@ -294,7 +294,7 @@ def _refuse_cycles(c: Checker, processors: list[ProcessorSpec]) -> None:
     """Processors that feed their own input, through others or directly."""
     feeds = {p.output: p for p in processors}
     for p in processors:
-        seen, todo = set(), list(p.inputs)
+        seen, todo = set(), list(p.reads)
         while todo:
             topic = todo.pop()
             if topic in seen or topic not in feeds:
@@ -304,4 +304,4 @@ def _refuse_cycles(c: Checker, processors: list[ProcessorSpec]) -> None:
                 c.problem(join(p.key_path, "from"), f"processor {p.name!r} reads what it writes, through "
                           f"{topic!r} (a cycle)")
                 break
-            todo += feeds[topic].inputs
+            todo += feeds[topic].reads

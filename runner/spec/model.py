@@ -46,19 +46,44 @@ class ConnectorSpec:
 
 @dataclass
 class ProcessorSpec:
-    """A processor: its input topics aggregated by window into its output topic."""
+    """A processor: its input topics into its output topic, filtered (`where`), and either
+    aggregated by window (`window` and `aggregates`), joined with a table (`join`), or
+    passed on as they are (a merge of several topics, a filter)."""
 
     name: str
     inputs: list[str]
     output: str
     keys: list[str]  # group-by fields (the output key)
     time: str | None  # event-time field; None: the records' topic timestamps
-    window: dict[str, int]  # {"tumbling": ms} or {"hopping": ms, "advance": ms}
+    window: dict[str, int] | None  # {"tumbling": ms} or {"hopping": ms, "advance": ms}, ...; None: no aggregation
     grace: int  # ms
     emit: str  # "final" | "updates"
     idle_close: int | None  # ms
     aggregates: list[tuple[str, str, str | None]]  # (output field, function, input field)
     key_path: str = ""  # e.g. "processors[0]"
+    where: str | None = None  # a condition records must meet (the filter transform's language)
+    join: JoinSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """"aggregate", "join" or "pass"."""
+        return "aggregate" if self.window is not None else "join" if self.join is not None else "pass"
+
+    @property
+    def reads(self) -> list[str]:
+        """Every topic it reads: its inputs and its table."""
+        return [*self.inputs, *([self.join.table] if self.join is not None else [])]
+
+
+@dataclass
+class JoinSpec:
+    """`join: {table: users, on: user, fields: [plan], how: left}`: each record gets the
+    `fields` of the table record whose key equals its `on` field (latest value per key)."""
+
+    table: str
+    on: str
+    fields: list[str] | None  # None: every field of the table
+    how: str  # "left" (records without a match keep nulls) | "inner" (they are dropped)
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Checking `processors:`: topics into topics, through a windowed aggregation.
+"""Checking `processors:`: topics into topics, aggregated by window, joined with a
+table, or passed on (merged, filtered).
 
     processors:
       - name: views-per-minute
         from: activity                 # a topic or a list of topics (merged)
-        to: views-per-minute           # declared under topics:, without a schema (derived)
+        to: views-per-minute           # declared under topics:; no schema: derived
+        where: "status >= 400"         # optional: only records meeting it (the filter transform's language)
         key: [path, status]            # group by; the output key
         time: timestamp                # event time; omitted: the record's topic timestamp
         window: {tumbling: 1m}         # or {hopping: 5m, advance: 1m}
@@ -11,6 +13,14 @@
         emit: final                    # or updates
         idle_close: 1m                 # with no input, wall-clock time closes windows
         aggregate: {views: count(), bytes: sum(bytes), visitors: count_distinct(remote_host)}
+      - name: enrich
+        from: [web-orders, shop-orders]
+        to: orders
+        join: {table: customers, on: customer, fields: [name, country], how: left}   # or inner
+      - name: errors-only               # neither: records passed on (merged, filtered)
+        from: activity
+        to: errors
+        where: "status >= 500"
 
 The shapes are checked here; what needs the input's schema (fields exist, types fit) is
 checked by the engine (`runner.processing.plan`).
@@ -22,12 +32,16 @@ import re
 from typing import Any
 
 from runner.errors import suggest
+from runner.expressions import parse
 from runner.processing.windows import FUNCTIONS
 from runner.schedule import ScheduleError, parse_duration
 from runner.spec.checking import Checker, got
-from runner.spec.model import ProcessorSpec, TopicSpec, join
+from runner.spec.model import JoinSpec, ProcessorSpec, TopicSpec, join
 
-_KEYS = ("name", "from", "to", "key", "time", "window", "grace", "emit", "idle_close", "aggregate")
+_KEYS = ("name", "from", "to", "where", "key", "time", "window", "grace", "emit", "idle_close", "aggregate", "join")
+_WINDOWED = ("key", "time", "window", "grace", "emit", "idle_close", "aggregate")  # only with a window
+_JOIN_KEYS = ("table", "on", "fields", "how")
+_HOWS = ("left", "inner")
 _WINDOWS = ("tumbling", "hopping")
 _EMITS = ("final", "updates")
 _CALL = re.compile(r"\s*([A-Za-z_]+)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)?\s*\)\s*")
@@ -64,12 +78,26 @@ def _processor(c: Checker, value: Any, path: str, topics: dict[str, TopicSpec | 
     output = entry.get("to")
     if output is None:
         c.problem(join(path, "to"), "missing required key (the output topic)", missing=True)
-    elif c.topic_name(output, join(path, "to")) is not None:
-        if output not in topics:
-            c.problem(join(path, "to"), f"topic {output!r} is not declared under topics{suggest(output, list(topics))}")
-        elif topics[output] is not None and topics[output].schema is not None:
-            c.problem(join(path, "to"), f"topic {output!r} has a schema; a processor's output schema is derived "
-                      "from its key and aggregates: declare the topic without `schema:`")
+    elif c.topic_name(output, join(path, "to")) is not None and output not in topics:
+        c.problem(join(path, "to"), f"topic {output!r} is not declared under topics{suggest(output, list(topics))}")
+    where = entry.get("where")
+    if where is not None and not isinstance(where, str):
+        c.problem(join(path, "where"), f"expected a condition such as \"status >= 400\", got {got(where)}")
+    elif where is not None:
+        try:
+            parse(where)
+        except ValueError as exc:
+            c.problem(join(path, "where"), str(exc))
+    if "join" in entry:
+        return _joining(c, entry, path, topics, name, inputs, output, where, before)
+    if "window" not in entry and "aggregate" not in entry:  # records passed on: a merge, a filter
+        for key in _WINDOWED:
+            if key in entry:
+                c.problem(join(path, key), f"{key!r} belongs to a windowed aggregation: add window: and aggregate:")
+        if c.attempts != before or name is None:
+            return None
+        return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=[], time=None, window=None,
+                             grace=0, emit="final", idle_close=None, aggregates=[], key_path=path, where=where)
     keys = entry.get("key", [])
     keys = [keys] if isinstance(keys, str) else keys
     if not isinstance(keys, list) or not all(isinstance(k, str) and _FIELD.fullmatch(k) for k in keys):
@@ -89,7 +117,45 @@ def _processor(c: Checker, value: Any, path: str, topics: dict[str, TopicSpec | 
         return None
     return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=list(keys), time=time,
                          window=window, grace=grace, emit=str(emit), idle_close=idle, aggregates=aggregates,
-                         key_path=path)
+                         key_path=path, where=where)
+
+
+def _joining(c: Checker, entry: dict, path: str, topics: dict[str, TopicSpec | None], name: str | None,
+             inputs: list[str], output: Any, where: str | None, before: int) -> ProcessorSpec | None:
+    """`join: {table: T, on: field, fields: [...], how: left | inner}`."""
+    for key in _WINDOWED:
+        if key in entry:
+            c.problem(join(path, key), f"{key!r} does not go with join: (join in one processor, aggregate its output "
+                      "in another)")
+    value, at = entry["join"], join(path, "join")
+    spec = c.mapping(value, at, _JOIN_KEYS, "a join")
+    if spec is None:
+        return None
+    table = spec.get("table")
+    if table is None:
+        c.problem(join(at, "table"), "missing required key (the table topic: latest value per key)", missing=True)
+    elif c.topic_name(table, join(at, "table")) is not None:
+        if table not in topics:
+            c.problem(join(at, "table"), f"topic {table!r} is not declared under topics{suggest(table, list(topics))}")
+        elif table in inputs or table == output:
+            c.problem(join(at, "table"), f"topic {table!r} is the processor's input or output already")
+    on = spec.get("on")
+    if not isinstance(on, str) or not _FIELD.fullmatch(on):
+        c.problem(join(at, "on"), f"expected the field whose value is the table's key, got {got(on)}",
+                  missing=on is None)
+    fields = spec.get("fields")
+    if fields is not None and (not isinstance(fields, list) or not fields
+                               or not all(isinstance(f, str) and _FIELD.fullmatch(f) for f in fields)):
+        c.problem(join(at, "fields"), f"expected a list of the table's fields, got {got(fields)}")
+    how = spec.get("how", "left")
+    if how not in _HOWS:
+        c.problem(join(at, "how"), f"expected 'left' or 'inner', got {got(how)}{suggest(str(how), _HOWS)}")
+    if c.attempts != before or name is None:
+        return None
+    return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=[], time=None, window=None,
+                         grace=0, emit="final", idle_close=None, aggregates=[], key_path=path, where=where,
+                         join=JoinSpec(table=str(table), on=str(on), fields=list(fields) if fields else None,
+                                       how=str(how)))
 
 
 def _window(c: Checker, value: Any, path: str) -> dict[str, int] | None:

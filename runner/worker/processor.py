@@ -1,7 +1,18 @@
-"""The processor runner: input topics → windowed aggregation → output topic.
+"""The processor runner: input topics → (filter) → windowed aggregation, table join, or
+as they are → output topic.
 
 One task per processor reads every partition of its input topics (no consumer group: it
-keeps its own offsets) and aggregates a batch at a time (`runner.processing.windows`).
+keeps its own offsets). Records that do not meet `where:` are dropped there (evaluated on
+Arrow columns: `runner.expressions`); one it cannot be evaluated on is a data error.
+
+A join or a pass (merge, filter) writes each record on at once, with its key and
+timestamp, joined fields added (`runner.processing.tables`): the table topic is read from
+its beginning into the latest value per key before the first record is joined (in a
+`--once` run, after what feeds the table has ended), then kept up to date before each
+batch, like Kafka Streams' GlobalKTable: every runner holds the whole table, so the input
+need not be partitioned like it. A table record without a key is a data error.
+
+An aggregation works a batch at a time (`runner.processing.windows`).
 Fetched records wait per partition until every partition has got past them in event time
 (`_release`), so partitions read at different paces do not make each other's records
 late. After each batch it hands the broker, through the same writer a source task uses,
@@ -37,6 +48,8 @@ import pyarrow.compute as pc
 from runner.broker.base import Broker, ProduceBatch, TopicPartition
 from runner.broker.partitioner import partition_keys
 from runner.errors import RecordError
+from runner.expressions import Condition
+from runner.processing.tables import LatestByKey, positions
 from runner.processing.windows import Aggregate, Hopping, Tumbling, WindowedAggregation
 from runner.schema.arrow import avro_to_arrow
 from runner.schema.codec import BatchDecoder
@@ -50,7 +63,8 @@ QUEUE_LIMIT = 200_000  # records held back for slower partitions, at most
 class ProcessorRunner:
     def __init__(self, spec: ProcessorSpec, inputs: dict[str, Topic], output: Topic, broker: Broker,
                  lookup: Any, dead_letters: DeadLetters, counters: Counters, stop: asyncio.Event,
-                 upstream_done: asyncio.Event | None, time_is_timestamp: bool) -> None:
+                 upstream_done: asyncio.Event | None, time_is_timestamp: bool,
+                 table: Topic | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.inputs = inputs
@@ -63,16 +77,28 @@ class ProcessorRunner:
         self.decoders = {t: BatchDecoder(lookup, topic.schema) for t, topic in inputs.items()}
         self.arrow = {t: avro_to_arrow(topic.schema) for t, topic in inputs.items()}
         self.time_is_timestamp = time_is_timestamp
-        window = spec.window
-        shape = Tumbling(window["tumbling"]) if "tumbling" in window else Hopping(window["hopping"], window["advance"])
-        self.aggregation = WindowedAggregation(
-            shape, spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace, emit=spec.emit
-        )
+        self.where = Condition(spec.where, label=f"where {spec.where!r}") if spec.where is not None else None
+        self.aggregation: WindowedAggregation | None = None
+        if spec.window is not None:
+            window = spec.window
+            shape = Tumbling(window["tumbling"]) if "tumbling" in window else Hopping(window["hopping"], window["advance"])
+            self.aggregation = WindowedAggregation(
+                shape, spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace,
+                emit=spec.emit)
         self.needed = list(dict.fromkeys([*spec.keys, *(f for _, _, f in spec.aggregates if f)]))
         self.out_arrow = avro_to_arrow(output.schema)
+        self.defaults = {f["name"]: f.get("default") for f in output.schema["fields"]}
+        self.table_topic = table
+        self.table: LatestByKey | None = None
+        if table is not None:
+            wanted = spec.join.fields or [f["name"] for f in table.schema["fields"]]
+            joined = [name for name in wanted if name in self.out_arrow.names]
+            self.table_decoder = BatchDecoder(lookup, table.schema)
+            self.table_arrow = avro_to_arrow(table.schema)
+            self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]))
         self.writer = broker.source_writer(self.name, 0, [output.name, *self._dlq()])
         self.positions: dict[TopicPartition, int] = {}
-        self.aggregated = 0  # records counted into windows, not yet committed
+        self.aggregated = 0  # records counted into windows or written on, not yet committed
         self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
         # Fetched records not aggregated yet (see _release): (columns, event times, where from).
         self.queued: dict[TopicPartition, tuple[pa.Table, pa.Array, list[tuple[str, int, int]]]] = {}
@@ -82,7 +108,7 @@ class ProcessorRunner:
 
     async def run(self) -> None:
         stored = await self.writer.open()
-        if "state" in stored:
+        if "state" in stored and self.aggregation is not None:
             snapshot = stored["state"]
             self.aggregation.restore({"stream_time": snapshot["stream_time"],
                                       "tables": {k: base64.b64decode(v) for k, v in snapshot["tables"].items()}})
@@ -92,7 +118,10 @@ class ProcessorRunner:
                 position = stored.get(f"{tp.topic}/{tp.partition}", 0)
                 await consumer.seek(tp, position)
                 self.positions[tp] = self.fetched_to[tp] = position
-            await self._loop(consumer)
+            if self.aggregation is not None:
+                await self._loop(consumer)
+            else:
+                await self._pass_loop(consumer)
         finally:
             await consumer.close()
 
@@ -207,31 +236,17 @@ class ProcessorRunner:
         return out
 
     def _decoded(self, fb: Any) -> tuple[pa.Table, pa.Array, list[tuple[str, int, int]], list[RecordError]]:
-        """One partition's batch decoded: the records that have a window, their event
-        times and where each came from; errors for the others."""
-        self.counters.records_in += len(fb.values)
-        columns, rows, failures = self.decoders[fb.topic].decode(
-            fb.value_array if fb.value_array is not None else fb.values
-        )
-        errors = [self._error(f.error, "decode", fb.values[f.index], (fb.topic, fb.partition, fb.offsets[f.index]))
-                  for f in failures]
-        offsets = fb.offsets
-        if columns is None:
-            bad = {f.index for f in failures}
-            keep = [i for i in range(len(fb.values)) if i not in bad]
-            offsets = [fb.offsets[i] for i in keep]
-            columns = pa.RecordBatch.from_pylist([rows[i] for i in keep], schema=self.arrow[fb.topic])
-            stamps = [fb.timestamps[i] for i in keep]
-        else:
-            stamps = fb.timestamps
-        table = pa.Table.from_batches([columns])
+        """One partition's batch decoded and filtered: for an aggregation, the records that
+        have a window, their event times and where each came from; errors for the others."""
+        table, kept, errors = self._decode(fb)
+        stamps = pa.array(fb.timestamps, pa.int64()).take(kept)
         if self.spec.time is not None:
             times = table.column(self.spec.time).combine_chunks()
             times = pc.cast(pc.cast(times, pa.timestamp("ms", tz="UTC")), pa.int64()) if self.time_is_timestamp \
                 else pc.cast(times, pa.int64())
         else:
-            times = pa.array(stamps, pa.int64())
-        where = [(fb.topic, fb.partition, offset) for offset in offsets]
+            times = stamps
+        where = [(fb.topic, fb.partition, fb.offsets[i]) for i in kept.to_pylist()]
         # A record with no time or a null group-by field has no window: a data error.
         usable = pc.is_valid(times)
         for name in self.spec.keys:
@@ -248,6 +263,135 @@ class ProcessorRunner:
             where = [w for w, ok in zip(where, usable.to_pylist()) if ok]
         return table, times, where, errors
 
+    def _decode(self, fb: Any) -> tuple[pa.Table, pa.Array, list[RecordError]]:
+        """One partition's batch decoded, and the records that meet `where:`: their columns,
+        their indexes in the batch, and errors for the others (undecodable, or the
+        condition fails on them)."""
+        self.counters.records_in += len(fb.values)
+        columns, rows, failures = self.decoders[fb.topic].decode(
+            fb.value_array if fb.value_array is not None else fb.values
+        )
+        errors = [self._error(f.error, "decode", fb.values[f.index], (fb.topic, fb.partition, fb.offsets[f.index]))
+                  for f in failures]
+        if columns is None:
+            bad = {f.index for f in failures}
+            kept = pa.array([i for i in range(len(fb.values)) if i not in bad], pa.int64())
+            columns = pa.RecordBatch.from_pylist([rows[i] for i in kept.to_pylist()], schema=self.arrow[fb.topic])
+        else:
+            kept = positions(len(fb.values))
+        table = pa.Table.from_batches([columns])
+        if self.where is not None and table.num_rows:
+            mask, failed = self.where.mask(table)
+            for i, (message, field) in sorted(failed.items()):
+                errors.append(self._error(message, "process", table.slice(i, 1).to_pylist()[0],
+                                          (fb.topic, fb.partition, fb.offsets[kept[i].as_py()]), field=field))
+            if not pc.all(mask).as_py():
+                self.counters.filtered += len(mask) - len(failed) - (pc.sum(mask).as_py() or 0)
+                table, kept = table.filter(mask), kept.filter(mask)
+        return table, kept, errors
+
+    # -- a join or a pass: records written on as they come ---------------------------------------
+
+    async def _pass_loop(self, consumer: Any) -> None:
+        if self.table is not None:
+            if self.upstream_done is not None:
+                await self.upstream_done.wait()  # a bounded run: the whole table before any record
+            await self._load_table(to_end=True)
+        ends: dict[TopicPartition, int] | None = None
+        while not self.stop.is_set():
+            if ends is None and self.upstream_done is not None and self.upstream_done.is_set():
+                ends = await self._ends()
+            if ends is not None and all(self.fetched_to.get(tp, 0) >= end for tp, end in ends.items()):
+                return
+            fetched = await consumer.fetch(FETCH_RECORDS, 0.2)
+            if not fetched:
+                continue
+            if self.table is not None:
+                await self._load_table(to_end=False)  # what the table has got meanwhile
+            produce: list[ProduceBatch] = []
+            errors: list[RecordError] = []
+            for fb in fetched:
+                batch, failed = self._passed(fb)
+                produce += batch
+                errors += failed
+                self.fetched_to[TopicPartition(fb.topic, fb.partition)] = fb.next_offset
+            await self._commit_records(produce, errors, windows=0)
+
+    def _passed(self, fb: Any) -> tuple[list[ProduceBatch], list[RecordError]]:
+        """One fetched batch as output records (joined), and the errors."""
+        table, kept, errors = self._decode(fb)
+        if not table.num_rows:
+            return [], errors
+        common = [f.name for f in self.out_arrow if f.name in table.column_names]
+        out = table.select(common)
+        if self.table is not None:
+            on = table.column(self.spec.join.on).combine_chunks()
+            if not (pa.types.is_string(on.type) or pa.types.is_binary(on.type)):
+                on = pc.cast(on, pa.string())  # ints as their digits, as a source keys records
+            joined, matched = self.table.lookup(on)
+            if self.spec.join.how == "inner" and not pc.all(matched).as_py():
+                self.counters.filtered += len(matched) - (pc.sum(matched).as_py() or 0)
+                out, joined, kept = out.filter(matched), joined.filter(matched), kept.filter(matched)
+            for name in joined.column_names:
+                out = out.append_column(name, joined.column(name))
+        self.aggregated += out.num_rows
+        keys = [fb.keys[i] for i in kept.to_pylist()]
+        stamps = [fb.timestamps[i] for i in kept.to_pylist()]
+        return self._encoded(out, keys, stamps), errors
+
+    async def _load_table(self, *, to_end: bool) -> None:
+        """The table topic's new records into the table: everything up to its end
+        (`to_end`), or what one fetch gives."""
+        if not hasattr(self, "_table_consumer"):
+            self._table_consumer = await self.broker.consumer(None, [self.table_topic.name])
+            self._table_read: dict[TopicPartition, int] = {}
+            for tp in await self._table_consumer.assignment():
+                await self._table_consumer.seek(tp, 0)
+                self._table_read[tp] = 0
+        while True:
+            ends = {TopicPartition(self.table_topic.name, p): end
+                    for p, end in enumerate(await self.broker.end_offsets(self.table_topic.name))}
+            if all(self._table_read.get(tp, 0) >= end for tp, end in ends.items()):
+                return
+            fetched = await self._table_consumer.fetch(FETCH_RECORDS, 0.2 if to_end else 0)
+            errors = []
+            for fb in fetched:
+                errors += self._table_batch(fb)
+                self._table_read[TopicPartition(fb.topic, fb.partition)] = fb.next_offset
+            if errors:
+                await self._commit_records([], errors, windows=0)
+            if not to_end:
+                return
+
+    def _table_batch(self, fb: Any) -> list[RecordError]:
+        """A table topic's batch into the table: the latest value per key, tombstones
+        (null values) delete; a record without a key is a data error."""
+        errors = []
+        keyed = [i for i, key in enumerate(fb.keys) if key is not None]
+        for i in (i for i, key in enumerate(fb.keys) if key is None):
+            errors.append(self._error(f"table {fb.topic!r}: a record without a key (the join matches records by "
+                                      "the table's keys)", "process", fb.values[i], (fb.topic, fb.partition,
+                                                                                    fb.offsets[i])))
+        live = [i for i in keyed if fb.values[i] is not None]
+        columns, rows, failures = self.table_decoder.decode([fb.values[i] for i in live])
+        bad = {live[f.index] for f in failures}
+        errors += [self._error(f.error, "decode", fb.values[live[f.index]],
+                               (fb.topic, fb.partition, fb.offsets[live[f.index]])) for f in failures]
+        good = [i for i in live if i not in bad]
+        if columns is None:
+            columns = pa.RecordBatch.from_pylist([rows[j] for j, i in enumerate(live) if i not in bad],
+                                                 schema=self.table_arrow)
+        dead = [i for i in keyed if fb.values[i] is None]  # tombstones: their key goes
+        schema = self.table.schema
+        values = pa.concat_tables([
+            pa.Table.from_batches([columns]).select(schema.names).cast(schema),
+            pa.table({f.name: pa.nulls(len(dead), f.type) for f in schema}, schema=schema),
+        ])
+        order = pc.sort_indices(pa.array(good + dead, pa.int64()))  # back into offset order
+        self.table.update(pa.array([fb.keys[i] for i in good + dead], pa.binary()).take(order), values.take(order),
+                          pa.array([False] * len(good) + [True] * len(dead), pa.bool_()).take(order))
+        return errors
+
     def _error(self, message: str, stage: str, record: Any, where: tuple[str, int, int],
                field: str | None = None) -> RecordError:
         topic, partition, offset = where
@@ -257,27 +401,36 @@ class ProcessorRunner:
     # -- output, dead letters, offsets and state: one commit ------------------------------------
 
     async def _commit(self, emitted: pa.Table, errors: list[RecordError]) -> None:
-        produce = self._records(emitted) if emitted.num_rows else []
+        """An aggregation's emitted windows, keyed by their group, with the errors."""
+        produce = self._encoded(emitted, _keys(emitted, self.spec.keys), None) if emitted.num_rows else []
+        await self._commit_records(produce, errors, windows=emitted.num_rows)
+
+    async def _commit_records(self, produce: list[ProduceBatch], errors: list[RecordError], *, windows: int) -> None:
         self.counters.errors += len(errors)
         produce += self.dead_letters.batches(errors)  # raises DataError under tolerance none
-        snapshot = self.aggregation.snapshot()
         offsets: dict[str, Any] = {f"{tp.topic}/{tp.partition}": pos for tp, pos in self._positions().items()}
-        offsets["state"] = {"stream_time": snapshot["stream_time"],
-                            "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}
+        if self.aggregation is not None:
+            snapshot = self.aggregation.snapshot()
+            offsets["state"] = {"stream_time": snapshot["stream_time"],
+                                "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}
         await retrying(lambda: self.writer.produce(produce, offsets), self.counters, f"{self.name}: produce")
-        # A processor's records are delivered into windows; the windows it emits are counted apart.
+        # An aggregation's records are delivered into windows; the windows it emits are counted apart.
         self.counters.records_out += self.aggregated
-        self.counters.windows += emitted.num_rows
+        self.counters.windows += windows
         self.counters.dead_lettered += len(errors)
         self.dead_letters.settled(self.aggregated, len(errors))
         self.aggregated = 0
 
-    def _records(self, emitted: pa.Table) -> list[ProduceBatch]:
-        """The output records, encoded, one produce batch per partition of their key."""
+    def _encoded(self, records: pa.Table, keys: list[bytes | None], stamps: list[int] | None) -> list[ProduceBatch]:
+        """Output records, encoded, one produce batch per partition of their key
+        (timestamps: `stamps`, or now)."""
         columns = {}
         for field in self.out_arrow:
-            column = emitted.column(field.name)
-            if field.name in ("window_start", "window_end"):
+            if field.name not in records.column_names:  # a given schema's field the processor does not write
+                columns[field.name] = pa.repeat(pa.scalar(self.defaults.get(field.name), field.type), records.num_rows)
+                continue
+            column = records.column(field.name)
+            if field.name in ("window_start", "window_end") and self.aggregation is not None:
                 column = pc.cast(column, pa.timestamp("ms", tz="UTC"))
             columns[field.name] = column.cast(field.type)
         batch = pa.RecordBatch.from_pydict({k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v
@@ -288,15 +441,15 @@ class ProcessorRunner:
             if failures:
                 raise RuntimeError(f"{self.name}: an output record did not fit its derived schema: {failures[0]}")
             values = pa.array(values, pa.binary())
-        keys = _keys(emitted, self.spec.keys)
         parts = pa.array(partition_keys(keys, self.output.partitions), pa.int64())
         now = int(time.time() * 1000)
         out = []
         for p in range(self.output.partitions):
             picked = pc.indices_nonzero(pc.equal(parts, p))
             if len(picked):
-                out.append(ProduceBatch(self.output.name, p, [keys[i] for i in picked.to_pylist()],
-                                        values.take(picked), [now] * len(picked)))
+                chosen = picked.to_pylist()
+                out.append(ProduceBatch(self.output.name, p, [keys[i] for i in chosen], values.take(picked),
+                                        [stamps[i] for i in chosen] if stamps is not None else [now] * len(chosen)))
         return out
 
 

@@ -1,0 +1,51 @@
+"""A table: the latest value per key of a topic, for enrichment joins, in Arrow.
+
+`LatestByKey.update(keys, values, deleted)` takes a batch of a table topic's records in
+offset order (a tombstone: `deleted`, its value row all nulls) and keeps, per key, the
+latest; a tombstone deletes the key. `LatestByKey.lookup(keys)` gives, for each key asked
+(an Arrow binary array: the stream records' join field as the table's key bytes), the
+table's fields of that key, or nulls, and whether it matched. Both are one Arrow
+`group_by` or hash join per batch: no Python per record.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_KEY, _ORDER, _DELETED, _PRESENT, _ROW = "#key", "#order", "#deleted", "#present", "#row"
+
+
+def positions(n: int) -> pa.Array:
+    """0, 1, ..., n - 1 (int64), without a Python list."""
+    return pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), n)), 1) if n else pa.array([], pa.int64())
+
+
+class LatestByKey:
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema  # the table's fields kept (the joined ones)
+        self.table = schema.empty_table().append_column(_KEY, pa.array([], pa.binary()))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def update(self, keys: pa.Array, values: pa.Table, deleted: pa.Array) -> None:
+        """Records in offset order: `keys` (binary, none null), `values` (the schema's
+        columns; anything for a tombstone), `deleted` (bool: a tombstone)."""
+        if not len(keys):
+            return
+        new = values.select(self.schema.names).cast(self.schema).append_column(_KEY, keys.cast(pa.binary()))
+        old = self.table
+        both = pa.concat_tables([old.append_column(_DELETED, pa.repeat(pa.scalar(False), old.num_rows)),
+                                 new.append_column(_DELETED, deleted)])
+        both = both.append_column(_ORDER, positions(both.num_rows))
+        latest = both.group_by(_KEY, use_threads=False).aggregate([(_ORDER, "max")])
+        picked = both.take(latest.column(f"{_ORDER}_max")).sort_by(_ORDER)
+        self.table = picked.filter(pc.invert(picked.column(_DELETED))).drop_columns([_DELETED, _ORDER])
+
+    def lookup(self, keys: pa.Array) -> tuple[pa.Table, pa.Array]:
+        """Per key asked, in order: the table's fields (nulls where none) and whether one matched."""
+        probe = pa.table({_KEY: keys.cast(pa.binary()), _ROW: positions(len(keys))})
+        side = self.table.append_column(_PRESENT, pa.repeat(pa.scalar(True), self.table.num_rows))
+        joined = probe.join(side, _KEY, join_type="left outer", use_threads=False).sort_by(_ROW)
+        return joined.select(self.schema.names), pc.fill_null(joined.column(_PRESENT), False).combine_chunks()

@@ -1,0 +1,194 @@
+"""Processors that merge, filter and join, through the CLI: the orders example equals what
+DuckDB computes from its raw data files; a table keeps the latest value per key, a
+tombstone deletes one; table records without a key, and records a `where:` cannot be
+evaluated on, go to the dead-letter topic, named; `validate` names join mistakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import duckdb
+
+from runner.broker.base import ProduceBatch
+from runner.broker.embedded import EmbeddedBroker
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_orders_merged_enriched_and_aggregated_equal_duckdb_over_the_raw_files(tmp_path: Path) -> None:
+    env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    spec = REPO / "pipelines" / "orders.yaml"
+    ran = run_cli("run", spec, "--once", env=env)
+    assert ran.returncode == 0, ran.stderr
+    data = REPO / "pipelines" / "data" / "shop"
+    db = duckdb.connect()
+    db.execute("set TimeZone = 'UTC'")
+    # The expected orders: both files, each joined with the last line of its customer.
+    db.execute(f"""create view raw as
+        select order_id, customer, amount, ordered_at::timestamptz as ordered_at
+          from read_json('{data}/web-orders.jsonl')
+        union all
+        select order_id, customer, amount, ordered_at::timestamptz from read_csv('{data}/store-orders.csv')""")
+    db.execute(f"""create view latest as
+        select id, arg_max(name, line) as name, arg_max(country, line) as country, arg_max(tier, line) as tier
+          from (select *, row_number() over () as line from read_json('{data}/customers.jsonl')) group by id""")
+    expected = db.execute("""select order_id, customer, amount, ordered_at, name, country, tier
+        from raw left join latest on raw.customer = latest.id order by order_id""").fetchall()
+    out = f"{tmp_path}/out"
+    got = db.execute(f"""select order_id, customer, amount, ordered_at, name, country, tier
+        from read_parquet('{out}/orders/**/*.parquet') order by order_id""").fetchall()
+    assert got == expected and len(got) == 120
+    assert any(row[4] is None for row in got)  # a customer with no record: nulls (a left join)
+    revenue = db.execute(f"""select country, window_start, orders, revenue, customers, largest
+        from read_parquet('{out}/revenue/**/*.parquet') order by all""").fetchall()
+    grouped = db.execute("""select country, time_bucket(interval 1 hour, ordered_at), count(*), sum(amount),
+               count(distinct customer), max(amount)
+        from raw left join latest on raw.customer = latest.id
+        where amount >= 10 and country is not null group by all order by all""").fetchall()
+    assert [r[:3] + (round(r[3], 6),) + r[4:] for r in revenue] == \
+        [r[:3] + (round(r[3], 6),) + r[4:] for r in grouped] and len(revenue) >= 6
+
+
+def _spec(tmp_path: Path, processor: str, *, table_key: str = "id") -> Path:
+    (tmp_path / "clicks.avsc").write_text(json.dumps({"type": "record", "name": "Click", "fields": [
+        {"name": "user", "type": ["null", "string"], "default": None},
+        {"name": "page", "type": "string"},
+        {"name": "ms", "type": ["null", "long"], "default": None},
+    ]}))
+    (tmp_path / "user.avsc").write_text(json.dumps({"type": "record", "name": "User", "fields": [
+        {"name": "id", "type": ["null", "string"], "default": None},
+        {"name": "plan", "type": "string"},
+        {"name": "page", "type": ["null", "string"], "default": None},
+    ]}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        name: joins
+        topics:
+          clicks: {{partitions: 2, schema: clicks.avsc, key: user}}
+          users: {{partitions: 1, schema: user.avsc, key: {table_key}}}
+          out: {{partitions: 1}}
+        sources:
+          - {{name: click-log, connector: jsonl, topic: clicks, config: {{paths: [clicks.jsonl]}}}}
+          - {{name: user-log, connector: jsonl, topic: users, config: {{paths: [users.jsonl]}}}}
+        processors:
+        """) + textwrap.indent(textwrap.dedent(processor), "  ") + textwrap.dedent("""\
+        sinks:
+          - {name: sink, connector: jsonl, topics: [out], config: {path: got}}
+        errors: {tolerance: all, dead_letter_topic: dlq}
+        """))
+    return spec
+
+
+def _lines(path: Path, records: list[dict]) -> None:
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _out(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "got" / "out-0.jsonl").read_text().splitlines()]
+
+
+def test_a_table_keeps_the_latest_value_per_key_and_a_tombstone_deletes_it(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """\
+        - name: enrich
+          from: clicks
+          to: out
+          join: {table: users, on: user, fields: [plan], how: left}
+        """)
+    _lines(tmp_path / "users.jsonl", [{"id": "ann", "plan": "free"}, {"id": "bob", "plan": "pro"},
+                                      {"id": "ann", "plan": "team"}])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a"}, {"user": "bob", "page": "/b"},
+                                       {"user": "cy", "page": "/c"}, {"user": None, "page": "/d"}])
+    assert run_cli("run", spec, "--once").returncode == 0
+    got = {(o["user"], o["page"]): o["plan"] for o in _out(tmp_path)}
+    assert got == {("ann", "/a"): "team", ("bob", "/b"): "pro", ("cy", "/c"): None, (None, "/d"): None}
+
+    async def delete_bob() -> None:  # a tombstone: bob's key with no value
+        broker = EmbeddedBroker(tmp_path / ".pipeline" / "joins")
+        await broker.start()
+        await broker.produce([ProduceBatch("users", 0, [b"bob"], [None], [0])])
+        await broker.close()
+    asyncio.run(delete_bob())
+    _lines(tmp_path / "clicks.jsonl", [{"user": "bob", "page": "/e"}, {"user": "ann", "page": "/f"}])
+    assert run_cli("run", spec, "--once").returncode == 0
+    got = {(o["user"], o["page"]): o["plan"] for o in _out(tmp_path)}
+    assert got[("bob", "/e")] is None and got[("ann", "/f")] == "team"
+    assert got[("bob", "/b")] == "pro" and len(got) == 6  # what was written stays; nothing twice
+
+
+def test_an_inner_join_drops_unmatched_records_and_a_keyless_table_record_is_a_data_error(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """\
+        - name: enrich
+          from: clicks
+          to: out
+          where: "ms > 100"
+          join: {table: users, on: user, how: inner}
+        """)
+    _lines(tmp_path / "users.jsonl", [{"id": "ann", "plan": "free", "page": "/home"}, {"id": None, "plan": "pro"}])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a", "ms": 500}, {"user": "cy", "page": "/c", "ms": 500},
+                                       {"user": "ann", "page": "/b", "ms": 5}, {"user": "ann", "page": "/n", "ms": None}])
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "field 'page' is in clicks already" in checked.stderr
+    spec.write_text(spec.read_text().replace("how: inner}", "fields: [plan], how: inner}"))
+    ran = run_cli("run", spec, "--once", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert [(o["user"], o["page"], o["plan"]) for o in _out(tmp_path)] == [("ann", "/a", "free")]
+    enrich = [c for c in json.loads(ran.stdout)["connectors"] if c["name"] == "enrich"][0]
+    assert enrich["read"] == 4 and enrich["delivered"] == 1 and enrich["filtered"] == 2
+    letters = [json.loads(line) for line in run_cli("consume", "dlq", "--from-beginning", "--spec", spec).stdout.splitlines()]
+    by = {d["field"]: d for d in letters if d["connector"] == "enrich"}
+    assert "is null" in by["ms"]["error"] and "where 'ms > 100'" in by["ms"]["error"]
+    keyless = [d for d in letters if "without a key" in d["error"]]
+    assert len(keyless) == 1 and keyless[0]["topic"] == "users"
+
+
+def test_merged_topics_pass_on_the_fields_they_share_and_validate_names_join_mistakes(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """\
+        - name: merge
+          from: [clicks, users]
+          to: out
+          where: "page != '/skip'"
+        """)
+    _lines(tmp_path / "users.jsonl", [{"id": "ann", "plan": "free", "page": "/u"}, {"id": "bo", "plan": "x", "page": "/skip"}])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a"}])
+    ran = run_cli("run", spec, "--once")
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(o["page"] for o in _out(tmp_path)) == ["/a", "/u"]
+    assert all(set(o) == {"page"} for o in _out(tmp_path))  # the one field both have
+    shutil.rmtree(tmp_path / "got")
+    for processor, message in [
+        ("join: {table: nope, on: user}", "topic 'nope' is not declared under topics"),
+        ("join: {table: users, on: usr}", "no field 'usr' in clicks (the join key)"),
+        ("join: {table: users, on: user, fields: [plann]}", "no field 'plann' in table 'users'"),
+        ("join: {table: users, on: user, how: outer}", "expected 'left' or 'inner'"),
+        ("join: {table: users, on: user}\n  window: {tumbling: 1m}", "'window' does not go with join"),
+        ("where: \"page ==\"", "syntax error"),
+        ("where: \"pages == 1\"", "no field 'pages' in 'clicks'"),
+    ]:
+        spec = _spec(tmp_path, f"- name: p\n  from: clicks\n  to: out\n  {processor}\n")
+        checked = run_cli("validate", spec)
+        assert checked.returncode == 2 and message in checked.stderr, (processor, checked.stderr)
+        assert "spec.yaml:1" in checked.stderr  # located by line
+
+
+def test_an_output_topic_may_declare_its_schema_when_the_records_fit_it(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "- name: p\n  from: clicks\n  to: out\n")
+    (tmp_path / "out.avsc").write_text(json.dumps({"type": "record", "name": "Out", "fields": [
+        {"name": "user", "type": ["null", "string"], "default": None}, {"name": "page", "type": "string"},
+        {"name": "ms", "type": ["null", "long"], "default": None},
+        {"name": "source", "type": "string", "default": "clicks"}]}))
+    spec.write_text(spec.read_text().replace("out: {partitions: 1}", "out: {partitions: 1, schema: out.avsc}"))
+    _lines(tmp_path / "users.jsonl", [])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a", "ms": 3}])
+    ran = run_cli("run", spec, "--once")
+    assert ran.returncode == 0, ran.stderr
+    assert _out(tmp_path) == [{"user": "ann", "page": "/a", "ms": 3, "source": "clicks"}]
+    (tmp_path / "out.avsc").write_text(json.dumps({"type": "record", "name": "Out", "fields": [
+        {"name": "user", "type": "string"}, {"name": "page", "type": "string"}, {"name": "ms", "type": "long"}]}))
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "field 'user' may be null" in checked.stderr
