@@ -40,9 +40,9 @@ from runner.worker import (
     ProcessorRunner,
     ScheduledRunner,
     SinkRunner,
-    SourceGroup,
+    WorkerGroup,
     SourceRunner,
-    SourceSlot,
+    TaskSlot,
     Topic,
     first_error,
 )
@@ -84,11 +84,6 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
 
     spec = load_spec(path, check_connector=check_connector, load_plugin_paths=load_paths)
     problems = _plan_processors(spec)
-    if spec.processors and spec.broker.kind == "kafka":
-        # Every process of a pipeline would run each processor: outputs doubled. One owner
-        # per processor (as source tasks have) and a changelog for its state come first.
-        problems.append(Problem("processors run on the embedded broker only, for now: on Kafka every `pipeline run` "
-                                "process would run them", path="processors"))
     problems += [
         Problem(
             f"topic {t!r} has no schema (a raw topic); only sinks that take bytes "
@@ -359,19 +354,24 @@ class Pipeline:
                 dlq = topics[name] = Topic(name, 1, DEAD_LETTER_SCHEMA, schema_id)
             dead_letters = self.dead_letters = DeadLetters(spec, dlq, warn=not self.once)
             sources_done = asyncio.Event() if self.once else None
-            source_group = SourceGroup(
-                spec.name, self._source_slots(topics, broker, dead_letters), broker, self.stop_event, self.once
-            )
+            source_group = WorkerGroup(spec.name, "source-tasks", self._source_slots(topics, broker, dead_letters),
+                                       broker, self.stop_event, self.once)
             # With --once, each processor ends when what feeds it has ended (the sources, and
             # the processors that write its inputs); the sinks when all of them have.
             upstream_done = asyncio.Event() if self.once else None
             processors = [] if self.only_sources is not None else self.spec.processors
             done = {p.name: asyncio.Event() for p in processors}
-            processor_runners = [
-                self._processor_runner(p, topics, broker, registry, dead_letters,
-                                       self._fed_by(p, processors, sources_done, done))
+            fed_by = {p.name: self._fed_by(p, processors, sources_done, done) for p in processors}
+            self._processor_counters = {p.name: Counters(p.name, "processor", target=f"{', '.join(p.inputs)} → {p.output}")
+                                        for p in processors}
+            self.counters += self._processor_counters.values()
+            # One runner per processor among all the processes of the pipeline (Kafka: a
+            # processor not assigned here runs in another process).
+            processor_group = WorkerGroup(spec.name, "processors", [
+                TaskSlot(p.name, 0, lambda stop, p=p: self._processor_runner(
+                    p, topics, broker, registry, dead_letters, fed_by[p.name], stop, done[p.name]))
                 for p in processors
-            ]
+            ], broker, self.stop_event, self.once)
             sink_runners = (
                 [] if self.only_sources is not None
                 else self._sink_runners(topics, broker, registry, dead_letters, upstream_done)
@@ -384,9 +384,10 @@ class Pipeline:
                     await asyncio.gather(*(event.wait() for event in done.values()))
                     upstream_done.set()
 
-            async def process(runner: ProcessorRunner) -> None:
-                await runner.run()
-                done[runner.name].set()
+            async def process() -> None:
+                await processor_group.run()
+                for event in done.values():  # (--once on Kafka: those run elsewhere end there)
+                    event.set()
 
             # Sinks run until stopped (or, with --once, until they have caught up with
             # everything the sources produced); a run with no sinks ends with its sources.
@@ -394,8 +395,7 @@ class Pipeline:
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(sources())
-                    for processor in processor_runners:
-                        group.create_task(process(processor))
+                    group.create_task(process())
                     for runner in sink_runners:
                         group.create_task(runner.run())
             finally:
@@ -467,7 +467,7 @@ class Pipeline:
             return DEAD_LETTER_SCHEMA
         return self.spec.topics[topic].schema if topic in self.spec.topics else None
 
-    def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[SourceSlot]:
+    def _source_slots(self, topics: dict[str, Topic], broker: Broker, dead_letters: DeadLetters) -> list[TaskSlot]:
         slots = []
         writes = [dead_letters.topic.name] if dead_letters.topic is not None else []
         entries = [e for e in self.spec.sources if self.only_sources is None or e.name in self.only_sources]
@@ -494,9 +494,9 @@ class Pipeline:
                     once = ("now" if self.now else "once") if self.once else None
                     scheduled = ScheduledRunner(entry.name, index, runner, entry.schedule, self.clock, self.history,
                                                 self.stop_event, once)
-                    slots.append(SourceSlot(entry.name, index, lambda stop, r=scheduled: r))
+                    slots.append(TaskSlot(entry.name, index, lambda stop, r=scheduled: r))
                 else:
-                    slots.append(SourceSlot(entry.name, index, runner))
+                    slots.append(TaskSlot(entry.name, index, runner))
         return slots
 
     def _fed_by(self, p: Any, processors: list[Any], sources_done: asyncio.Event | None,
@@ -517,13 +517,13 @@ class Pipeline:
         return event
 
     def _processor_runner(self, p: Any, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry,
-                          dead_letters: DeadLetters, upstream_done: asyncio.Event | None) -> ProcessorRunner:
-        counters = Counters(p.name, "processor", target=f"{', '.join(p.inputs)} → {p.output}")
-        self.counters.append(counters)
+                          dead_letters: DeadLetters, upstream_done: asyncio.Event | None, stop: asyncio.Event,
+                          done: asyncio.Event) -> ProcessorRunner:
+        counters = self._processor_counters[p.name]  # one per processor, however often it restarts here
         found = plan(p, {t: self.spec.topics[t].schema for t in p.reads})
         return ProcessorRunner(p, {t: topics[t] for t in p.inputs}, topics[p.output], broker, registry.schema_by_id,
-                               dead_letters, counters, self.stop_event, upstream_done, found.time_is_timestamp,
-                               table=topics[p.join.table] if p.join is not None else None)
+                               dead_letters, counters, stop, upstream_done, found.time_is_timestamp,
+                               table=topics[p.join.table] if p.join is not None else None, done=done)
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []

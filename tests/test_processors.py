@@ -132,16 +132,3 @@ def test_a_processor_that_feeds_itself_is_refused(tmp_path: Path) -> None:
         """)
     checked = run_cli("validate", spec)
     assert checked.returncode == 2 and "reads what it writes" in checked.stderr
-
-
-def test_processors_on_kafka_are_refused_for_now(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, [], """\
-        - name: per-minute
-          from: events
-          to: counts
-          window: {tumbling: 1m}
-          aggregate: {n: count()}
-        """)
-    spec.write_text('broker: {kafka: {bootstrap_servers: "127.0.0.1:9"}}\n' + spec.read_text())
-    checked = run_cli("validate", spec)
-    assert checked.returncode == 2 and "processors run on the embedded broker only" in checked.stderr

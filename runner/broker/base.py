@@ -158,9 +158,13 @@ class Broker(Protocol):
         """The stored source offsets of a source connector (partition -> offset)."""
         ...
 
-    def source_writer(self, connector: str, task: int, topics: list[str]) -> SourceWriter:
+    def source_writer(self, connector: str, task: int, topics: list[str], *, replays_exactly: bool = True) -> SourceWriter:
         """The writer for task number `task` of source `connector`, which produces to
-        `topics` (its topic and the dead-letter topic)."""
+        `topics` (its topic and the dead-letter topic). `replays_exactly`: after a crash
+        the task writes again exactly what it wrote since its last commit, in the same
+        order (a source re-reading its files does), which a broker without transactions
+        may use to write it once; False (a processor, whose batches may fall otherwise)
+        gives at-least-once there instead."""
         ...
 
     async def consumer(self, group: str | None, topics: list[str]) -> Consumer:

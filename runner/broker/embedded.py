@@ -484,8 +484,9 @@ class EmbeddedBroker:
             for consumer in self._consumers:
                 consumer._notify(produced)
 
-    def source_writer(self, connector: str, task: int, topics: list[str]) -> EmbeddedSourceWriter:
-        return EmbeddedSourceWriter(self, connector)
+    def source_writer(self, connector: str, task: int, topics: list[str], *,
+                      replays_exactly: bool = True) -> EmbeddedSourceWriter:
+        return EmbeddedSourceWriter(self, connector)  # records and offsets commit in one transaction
 
     async def source_offsets(self, connector: str) -> dict[str, Any]:
         rows = await self._read(

@@ -416,10 +416,10 @@ class KafkaBroker:
     async def source_offsets(self, connector: str) -> dict[str, Any]:
         return (await self.source_state(connector))[0]
 
-    def source_writer(self, connector: str, task: int, topics: list[str]) -> Any:
+    def source_writer(self, connector: str, task: int, topics: list[str], *, replays_exactly: bool = True) -> Any:
         from runner.broker.kafka_sources import KafkaSourceWriter  # it builds on this module
 
-        return KafkaSourceWriter(self, connector, task, topics)
+        return KafkaSourceWriter(self, connector, task, topics, count_landed=replays_exactly)
 
     async def send_tagged(self, b: ProduceBatch, tag: tuple[str, bytes]) -> list[asyncio.Future]:
         """Send `b` with the header `tag` on every record; futures of each Kafka batch's
@@ -596,7 +596,7 @@ def _byte_lengths(items: pa.Array) -> pa.Array:
 
 
 def _is_control_topic(name: str) -> bool:
-    return name.startswith("_pipeline-") and name.endswith("-source-tasks")  # see worker.SourceGroup
+    return name.startswith("_pipeline-") and name.endswith(("-source-tasks", "-processors"))  # see worker.WorkerGroup
 
 
 async def _end_of(sent: asyncio.Future, count: int) -> int:

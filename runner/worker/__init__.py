@@ -6,7 +6,7 @@
 - `processor`: ProcessorRunner — fetch every input partition → windowed aggregation →
   produce the closed windows (+ input offsets and state, one transaction on embedded).
 - `scheduled`: ScheduledRunner — a source task as a bounded job at each schedule tick.
-- `group`: SourceGroup — the source tasks, here or shared among processes (Kafka).
+- `group`: WorkerGroup — the source tasks and processors, here or shared among processes (Kafka).
 - `common`: counters, topics, the error policy (dead letters), retries, error reports.
 
 Everything moves in batches: the engine makes no per-record hook call, queue hop or await.
@@ -20,7 +20,7 @@ from runner.worker.common import (
     first_error,
     retrying,
 )
-from runner.worker.group import SourceGroup, SourceSlot
+from runner.worker.group import WorkerGroup, TaskSlot
 from runner.worker.processor import ProcessorRunner
 from runner.worker.scheduled import ScheduledRunner
 from runner.worker.sink import SinkRunner
@@ -32,9 +32,9 @@ __all__ = [
     "ProcessorRunner",
     "ScheduledRunner",
     "SinkRunner",
-    "SourceGroup",
     "SourceRunner",
-    "SourceSlot",
+    "TaskSlot",
+    "WorkerGroup",
     "Topic",
     "errors_named",
     "first_error",

@@ -1,4 +1,5 @@
-"""The source tasks of a pipeline, run here or shared among its processes (Kafka)."""
+"""The tasks of a pipeline (its source tasks; its processors), run here or shared among
+its processes (Kafka)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,40 @@ from dataclasses import dataclass
 from runner.broker.base import Broker, TopicPartition
 from runner.errors import FatalError
 from runner.worker.common import log
+from runner.worker.processor import ProcessorRunner
 from runner.worker.scheduled import ScheduledRunner
 from runner.worker.source import SourceRunner
 
 
 @dataclass
-class SourceSlot:
-    """Task number `index` of a source in the spec; `runner(stop)` builds a fresh runner
-    of it (a task stopped in a rebalance is not reused: a new one resumes from offsets)."""
+class TaskSlot:
+    """Task number `index` of a source (or a processor: index 0) in the spec; `runner(stop)`
+    builds a fresh runner of it (a task stopped in a rebalance is not reused: a new one
+    resumes from offsets)."""
 
-    source: str
+    source: str  # the source's or processor's name
     index: int
-    runner: Callable[[asyncio.Event], SourceRunner | ScheduledRunner]
+    runner: Callable[[asyncio.Event], SourceRunner | ScheduledRunner | ProcessorRunner]
 
 
-class SourceGroup:
-    """Runs the pipeline's source tasks.
+class WorkerGroup:
+    """Runs the pipeline's source tasks (`role` "source-tasks"), or its processors
+    ("processors"): each must run in one process at a time.
 
     On one machine (embedded broker) this process runs all of them. On Kafka, the
     processes of a pipeline share them as Kafka Connect's workers do, through Kafka
     itself: a control topic with one partition per task, and a consumer group on it
-    (`_pipeline-<pipeline>-source-tasks`). Each process runs the tasks whose partitions
-    it is assigned. When a process joins or leaves, the group rebalances: a task to be
-    given up stops polling, writes and commits what it polled, and closes before the
-    partition goes to another process, which starts the task again from its offsets. A
-    process killed outright loses its tasks when its session times out.
+    (`_pipeline-<pipeline>-<role>`). Each process runs the tasks whose partitions it is
+    assigned. When a process joins or leaves, the group rebalances: a task to be given up
+    stops polling, writes and commits what it polled, and closes before the partition
+    goes to another process, which starts the task again from its offsets (a processor:
+    and its state). A process killed outright loses its tasks when its session times out.
     """
 
-    def __init__(self, pipeline: str, slots: list[SourceSlot], broker: Broker, stop: asyncio.Event, once: bool) -> None:
+    def __init__(self, pipeline: str, role: str, slots: list[TaskSlot], broker: Broker, stop: asyncio.Event,
+                 once: bool) -> None:
         self.pipeline = pipeline
+        self.role = role
         self.slots = slots
         self.broker = broker
         self.stop = stop
@@ -47,7 +53,7 @@ class SourceGroup:
 
     @property
     def control_topic(self) -> str:
-        return f"_pipeline-{self.pipeline}-source-tasks"
+        return f"_pipeline-{self.pipeline}-{self.role}"
 
     async def run(self) -> None:
         if not self.slots:
@@ -62,7 +68,7 @@ class SourceGroup:
             await self.broker.ensure_topic(topic, len(self.slots))
         except FatalError as exc:
             raise FatalError(
-                f"the sources of pipeline {self.pipeline!r} have {len(self.slots)} task(s), but its "
+                f"pipeline {self.pipeline!r} has {len(self.slots)} {self.role.replace('-', ' ')}, but its "
                 f"control topic {topic!r} was made for another number ({exc})",
                 hint=f"stop every process of the pipeline, delete the topic {topic!r}, and start again",
             ) from None

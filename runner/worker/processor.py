@@ -64,8 +64,9 @@ class ProcessorRunner:
     def __init__(self, spec: ProcessorSpec, inputs: dict[str, Topic], output: Topic, broker: Broker,
                  lookup: Any, dead_letters: DeadLetters, counters: Counters, stop: asyncio.Event,
                  upstream_done: asyncio.Event | None, time_is_timestamp: bool,
-                 table: Topic | None = None) -> None:
+                 table: Topic | None = None, done: asyncio.Event | None = None) -> None:
         self.spec = spec
+        self.done = done  # set when the run ends by itself (a --once run's input ended)
         self.name = spec.name
         self.inputs = inputs
         self.output = output
@@ -96,7 +97,7 @@ class ProcessorRunner:
             self.table_decoder = BatchDecoder(lookup, table.schema)
             self.table_arrow = avro_to_arrow(table.schema)
             self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]))
-        self.writer = broker.source_writer(self.name, 0, [output.name, *self._dlq()])
+        self.writer = broker.source_writer(self.name, 0, [output.name, *self._dlq()], replays_exactly=False)
         self.positions: dict[TopicPartition, int] = {}
         self.aggregated = 0  # records counted into windows or written on, not yet committed
         self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
@@ -124,6 +125,10 @@ class ProcessorRunner:
                 await self._pass_loop(consumer)
         finally:
             await consumer.close()
+            if hasattr(self, "_table_consumer"):
+                await self._table_consumer.close()
+        if self.done is not None and not self.stop.is_set():
+            self.done.set()
 
     async def _loop(self, consumer: Any) -> None:
         idle_since = time.monotonic()
