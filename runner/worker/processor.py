@@ -29,8 +29,11 @@ closes every open window (the stream time moves just past them). A `--once` run 
 input like a bounded stream: when what feeds it has ended and every input partition is
 read to its end, every open window is emitted.
 
-The state travels with the offsets (Arrow IPC, base64 in the offsets' JSON). That suits
-the state of open windows; a changelog topic for large state is yet to come.
+The state travels with the offsets (Arrow IPC, base64 in the offsets' JSON): on the
+embedded broker in the transaction of each batch (exactly once); on Kafka as a checkpoint
+in the offsets topic after the batch's records are acknowledged (at-least-once: a runner
+that takes over after a crash emits again what was emitted since, with the same values).
+That suits the state of open windows; a changelog topic for large state is yet to come.
 """
 
 from __future__ import annotations
@@ -196,7 +199,9 @@ class ProcessorRunner:
                 return self._empty(), []
             limit = min(pc.max(times).as_py() for _, times, _ in self.queued.values())
         tables, times, where = [], [], []
-        for tp in list(self.queued):
+        # Partitions in a fixed order, so that records of equal event time fall the same way
+        # however the fetches came (a replay after a crash gives the same windows).
+        for tp in sorted(self.queued, key=lambda tp: (tp.topic, tp.partition)):
             table, stamps, positions = self.queued[tp]
             n = len(stamps)
             if limit is not None:  # the prefix up to the first record past the limit
