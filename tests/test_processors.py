@@ -5,12 +5,15 @@ dead-letter topic, named; `pipeline validate` names a processor's mistakes by li
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import duckdb
 
-from tests.conftest import run_cli
+from tests.conftest import pipeline_exe, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +135,39 @@ def test_a_processor_that_feeds_itself_is_refused(tmp_path: Path) -> None:
         """)
     checked = run_cli("validate", spec)
     assert checked.returncode == 2 and "reads what it writes" in checked.stderr
+
+
+def test_idle_close_emits_the_last_window_while_the_run_goes_on(tmp_path: Path) -> None:
+    """With no new input for idle_close, wall-clock time closes the open window: it is
+    emitted while `pipeline run` keeps running (not at its end), no sooner than idle_close
+    after the input stopped (nothing else could close it: its end is far ahead of the
+    stream time)."""
+    records = [{"page": "a", "at": 1_000 + i, "size": i} for i in range(10)]
+    spec = _spec(tmp_path, records, """\
+        - name: per-hour
+          from: events
+          to: counts
+          key: page
+          time: at
+          window: {tumbling: 1h}
+          idle_close: 2s
+          aggregate: {n: count(), total: sum(size)}
+        """)
+    run = subprocess.Popen([pipeline_exe(), "run", str(spec), "--no-progress"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (landed := run_cli("consume", "events", "--from-beginning", "--max", "10", "--spec", spec,
+                                 timeout=60)).returncode != 0:  # (until the run has made its topics)
+            assert "has no topics yet" in landed.stderr and time.monotonic() < deadline, landed.stderr
+        input_seen = time.monotonic()  # the input has stopped by now (all 10 records are in)
+        window = run_cli("consume", "counts", "--from-beginning", "--follow", "--max", "1", "--spec", spec, timeout=60)
+        emitted = time.monotonic()
+        assert window.returncode == 0, window.stderr
+        assert run.poll() is None  # emitted by the running pipeline
+        (record,) = [json.loads(line) for line in window.stdout.splitlines()]
+        assert (record["page"], record["n"], record["total"]) == ("a", 10, 45)
+        print(f"window emitted {emitted - input_seen:.2f} s after the input was seen complete (idle_close 2 s)")
+    finally:
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 0, run.stderr.read()
