@@ -1,11 +1,14 @@
 """`runner.processing.windows`, a batch at a time with Arrow, against a plain-Python
-reference that takes one record at a time: random streams with out-of-order records (some
-inside grace, some past it), random batch splits, tumbling and hopping windows, every
-aggregate, both emit modes."""
+reference that takes one record at a time (`reference.py`): random streams with out-of-order
+records (some inside grace, some past it), null keys and values, random batch splits,
+`advance` and `close_all` between batches, every window kind and aggregate, both emit modes,
+the windows left open after each step, and a snapshot restored into a fresh aggregation at a
+random step."""
 
 from __future__ import annotations
 
-import math
+import base64
+import json
 import os
 import random
 
@@ -14,76 +17,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.processing.windows import Aggregate, Hopping, Tumbling, WindowedAggregation
+from runner.processing.windows import Aggregate, Count, Hopping, Session, Tumbling, WindowedAggregation
+from tests.processing.reference import reference
 
 AGGREGATES = [
     Aggregate("n", "count"), Aggregate("total", "sum", "v"), Aggregate("low", "min", "v"),
     Aggregate("high", "max", "v"), Aggregate("avg", "mean", "v"), Aggregate("kinds", "count_distinct", "v"),
     Aggregate("first_v", "first", "v"), Aggregate("last_v", "last", "v"), Aggregate("first_u", "first", "u"),
 ]
-
-
-def reference(window, grace, emit, batches):
-    """One record at a time: (emitted per batch, late per batch, windows missed, windows
-    still open after each batch)."""
-    size = window.size
-    advance = getattr(window, "advance", size)
-    state, stream = {}, None
-    emitted, late, missed_total, open_windows = [], [], 0, []
-    for batch in batches:
-        changed, out, batch_late = set(), [], []
-        for i, (k, t, v, u) in enumerate(batch):
-            before = stream if stream is not None else -math.inf
-            first = math.floor((t - size) / advance) * advance  # a multiple of advance, before any window of t
-            starts = [s for s in range(first, t + 1, advance) if s <= t < s + size]
-            missed = [s for s in starts if s + size + grace <= before]
-            if len(missed) == len(starts):
-                s = max(missed)
-                batch_late.append((i, s, s + size, before - (s + size + grace)))
-            else:
-                missed_total += len(missed)
-            for s in starts:
-                if s in missed:
-                    continue
-                w = state.setdefault((s, k), {"n": 0, "vs": [], "us": []})
-                w["n"] += 1
-                w["vs"].append((t, len(w["vs"]), v))
-                w["us"].append((t, len(w["us"]), u))
-                changed.add((s, k))
-            stream = t if stream is None else max(stream, t)
-        if emit == "final":
-            keys = sorted((key for key in state if key[0] + size + grace <= stream), key=order)
-            out = [value(key, state.pop(key), size) for key in keys]
-        else:
-            out = [value(key, state[key], size) for key in sorted(changed, key=order)]
-        emitted.append(out)
-        late.append(batch_late)
-        open_windows.append(sum(1 for s, _ in state if s + size + grace > stream))
-    return emitted, late, missed_total, open_windows
-
-
-def order(key):
-    return (key[0], (key[1] is not None, key[1]))
-
-
-def value(key, w, size):
-    vs = [v for _, _, v in w["vs"] if v is not None]
-    by_time = sorted(w["vs"], key=lambda x: (x[0], x[1]))
-    us_by_time = sorted(w["us"], key=lambda x: (x[0], x[1]))
-    return {
-        "k": key[1], "window_start": key[0], "window_end": key[0] + size,
-        "n": w["n"], "total": sum(vs) if vs else None, "low": min(vs) if vs else None,
-        "high": max(vs) if vs else None, "avg": sum(vs) / len(vs) if vs else None, "kinds": len(set(vs)),
-        "first_v": by_time[0][2], "last_v": by_time[-1][2], "first_u": us_by_time[0][2],
-    }
+KINDS = {
+    "tumbling": st.builds(Tumbling, st.integers(1, 20)),
+    "hopping": st.integers(1, 20).flatmap(lambda size: st.builds(Hopping, st.just(size), st.integers(1, size))),
+    "session": st.builds(Session, st.integers(0, 20)),
+    "count": st.builds(Count, st.integers(1, 8)),
+}
+EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", 30))  # per kind; the dev loop's budget
 
 
 @st.composite
-def streams(draw):
-    window = draw(st.one_of(
-        st.builds(Tumbling, st.integers(1, 20)),
-        st.integers(1, 20).flatmap(lambda size: st.builds(Hopping, st.just(size), st.integers(1, size))),
-    ))
+def runs(draw, kind):
+    """A window of `kind`, grace, emit mode, and steps: ("batch", records), ("advance", t),
+    ("close_all",); and the step before which the aggregation is snapshot and restored (or None)."""
+    window = draw(KINDS[kind])
     grace = draw(st.integers(0, 15))
     n = draw(st.integers(0, 60))
     clock, records = draw(st.integers(-50, 50)), []
@@ -93,27 +48,80 @@ def streams(draw):
         records.append((draw(st.sampled_from(["a", "b", None])), t,
                         draw(st.one_of(st.none(), st.integers(-5, 5))), draw(st.sampled_from(["x", "y", None]))))
     cuts = sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=5))) if n > 1 else []
-    batches = [records[a:b] for a, b in zip([0, *cuts], [*cuts, n])]
-    return window, grace, draw(st.sampled_from(["final", "updates"])), batches
+    steps = []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        steps.append(("batch", records[a:b]))
+        extra = draw(st.sampled_from([None, None, None, "advance", "close_all"]))
+        if extra == "advance":
+            steps.append(("advance", (records[b - 1][1] if b else clock) + draw(st.integers(-10, 30))))
+        elif extra == "close_all":
+            steps.append(("close_all",))
+    split = draw(st.one_of(st.none(), st.integers(0, len(steps))))
+    return window, grace, draw(st.sampled_from(["final", "updates"])), steps, split
 
 
-@settings(max_examples=int(os.environ.get("WINDOW_EXAMPLES", 100)), deadline=None)
-@given(streams())
-def test_batches_with_arrow_give_what_one_record_at_a_time_gives(stream) -> None:
-    window, grace, emit, batches = stream
-    expected_emitted, expected_late, expected_missed, expected_open = reference(window, grace, emit, batches)
-    agg = WindowedAggregation(window, ["k"], AGGREGATES, grace=grace, emit=emit)
-    missed = 0
-    for batch, want_out, want_late, want_open in zip(batches, expected_emitted, expected_late, expected_open):
-        columns = pa.table({"k": pa.array([r[0] for r in batch], pa.string()),
-                            "v": pa.array([r[2] for r in batch], pa.int64()),
-                            "u": pa.array([r[3] for r in batch], pa.string())})
-        result = agg.process(columns, pa.array([r[1] for r in batch], pa.int64()))
-        assert result.emitted.to_pylist() == want_out
-        assert [(x.index, x.window_start, x.window_end, x.late_by) for x in result.late] == want_late
-        assert agg.open_windows == want_open  # closed windows leave the state, in both emit modes
-        missed += result.late_windows
-    assert missed == expected_missed
+def restored(agg: WindowedAggregation) -> WindowedAggregation:
+    """A fresh aggregation given `agg`'s snapshot, through JSON as the processor runner keeps it."""
+    snapshot = agg.snapshot()
+    assert set(snapshot) == {"stream_time", "tables"} and all(isinstance(v, bytes) for v in snapshot["tables"].values())
+    stored = json.loads(json.dumps({"stream_time": snapshot["stream_time"],
+                                    "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}))
+    fresh = WindowedAggregation(agg.window, agg.keys, agg.aggregates, grace=agg.grace, emit=agg.emit)
+    fresh.restore({"stream_time": stored["stream_time"],
+                   "tables": {k: base64.b64decode(v) for k, v in stored["tables"].items()}})
+    return fresh
+
+
+def batch_columns(batch):
+    columns = pa.table({"k": pa.array([r[0] for r in batch], pa.string()),
+                        "v": pa.array([r[2] for r in batch], pa.int64()),
+                        "u": pa.array([r[3] for r in batch], pa.string())})
+    return columns, pa.array([r[1] for r in batch], pa.int64())
+
+
+def check_against_reference(run) -> None:
+    """The aggregation (and, when the run is split, one snapshot and restored into a fresh
+    object before step `split`) gives at every step what the reference gives."""
+    window, grace, emit, steps, split = run
+    ref = reference(window, grace, emit)
+    whole = WindowedAggregation(window, ["k"], AGGREGATES, grace=grace, emit=emit)
+    aggs = [whole] if split is None else [whole, WindowedAggregation(window, ["k"], AGGREGATES, grace=grace, emit=emit)]
+    for i, step in enumerate(steps):
+        if i == split:
+            aggs[1] = restored(aggs[1])
+        if step[0] == "batch":
+            want_out, want_late, want_missed = ref.batch(step[1])
+            for agg in aggs:
+                result = agg.process(*batch_columns(step[1]))
+                assert result.emitted.to_pylist() == want_out
+                assert [(x.index, x.window_start, x.window_end, x.late_by) for x in result.late] == want_late
+                assert result.late_windows == want_missed
+        else:
+            want_out = ref.advance(step[1]) if step[0] == "advance" else ref.close_all()
+            for agg in aggs:
+                out = agg.advance(step[1]) if step[0] == "advance" else agg.close_all()
+                assert out.to_pylist() == want_out
+        for agg in aggs:
+            assert agg.open_windows == ref.open()  # closed windows leave the state, in both emit modes
+            assert agg.stream_time == ref.stream
+    if split == len(steps):
+        assert restored(aggs[1]).open_windows == ref.open()
+
+
+def _property_test(kind):
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(runs(kind))
+    def test(run) -> None:
+        check_against_reference(run)
+
+    test.__name__ = f"test_{kind}_batches_with_arrow_give_what_one_record_at_a_time_gives"
+    return test
+
+
+test_tumbling_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("tumbling")
+test_hopping_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("hopping")
+test_session_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("session")
+test_count_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("count")
 
 
 def test_idle_close_emits_what_the_stream_time_would_have_closed() -> None:
@@ -149,7 +157,7 @@ def _collision_stream(seed: int) -> list[tuple]:
     return records
 
 
-@pytest.mark.parametrize("window", [Tumbling(7), Hopping(8, 3)], ids=repr)
+@pytest.mark.parametrize("window", [Tumbling(7), Hopping(8, 3), Session(3), Count(4)], ids=repr)
 @pytest.mark.parametrize("emit", ["final", "updates"])
 def test_user_fields_named_like_internal_columns_do_not_collide(window, emit) -> None:
     """Key and aggregated fields named as the internal columns were (`__start`, `count`, ...)
@@ -172,3 +180,64 @@ def test_user_fields_named_like_internal_columns_do_not_collide(window, emit) ->
         out += agg.close_all().to_pylist()
         outputs.append([{("k" if f == keys[0] else "j" if f == keys[1] else f): x for f, x in row.items()} for row in out])
     assert outputs[0] == outputs[1] != []
+
+
+def _same(one, two) -> None:
+    assert one.emitted.to_pylist() == two.emitted.to_pylist()
+    assert (one.late, one.late_windows) == (two.late, two.late_windows)
+
+
+def test_session_state_survives_a_snapshot() -> None:
+    aggregates = [Aggregate("n", "count"), Aggregate("kinds", "count_distinct", "v"), Aggregate("f", "first", "v"),
+                  Aggregate("l", "last", "v"), Aggregate("s", "sum", "v"), Aggregate("lo", "min", "v")]
+    one = WindowedAggregation(Session(10), ["k"], aggregates, grace=20, emit="updates")
+    one.process(pa.table({"k": ["a", "a", "b", "a"], "v": [1, 2, 5, 2]}), pa.array([1, 7, 8, 25]))
+    two = restored(one)
+    rest = (pa.table({"k": ["a", "b", "a"], "v": [3, None, 4]}), pa.array([16, 12, 50]))
+    result = two.process(*rest)
+    _same(one.process(*rest), result)
+    assert result.emitted.to_pylist() == [  # a at 16 bridges a's [1, 7] and [25, 25]
+        {"k": "a", "window_start": 1, "window_end": 25, "n": 4, "kinds": 3, "f": 1, "l": 2, "s": 8, "lo": 1},
+        {"k": "b", "window_start": 8, "window_end": 12, "n": 2, "kinds": 1, "f": 5, "l": None, "s": 5, "lo": 5},
+        {"k": "a", "window_start": 50, "window_end": 50, "n": 1, "kinds": 1, "f": 4, "l": 4, "s": 4, "lo": 4}]
+    assert two.snapshot() == one.snapshot()
+    assert two.advance(1_000).to_pylist() == [] and two.open_windows == 0  # updates: closed sessions just leave
+
+
+def test_session_closes_at_its_end_plus_gap_plus_grace() -> None:
+    agg = WindowedAggregation(Session(5_000), ["k"], [Aggregate("n", "count")], grace=1_000)
+    result = agg.process(pa.table({"k": ["a", "a", "a", "c", "b"]}), pa.array([1_000, 4_000, 2_000, 4_000, 9_000]))
+    assert result.emitted.to_pylist() == [] and result.late == []
+    # a's [1_000, 4_000] and c's [4_000, 4_000] close at 10_000, which b's 10_000 brings:
+    # then a's 8_000 (within the gap of a's closed session) starts a session of its own, a's
+    # 2_500 is late (by 1_500), and so is c's 4_000 (its own session would close at 10_000).
+    result = agg.process(pa.table({"k": ["b", "a", "a", "c", "b"]}), pa.array([10_000, 8_000, 2_500, 4_000, 14_000]))
+    assert [(x.index, x.window_start, x.window_end, x.late_by) for x in result.late] == [(2, 2_500, 2_500, 1_500),
+                                                                                       (3, 4_000, 4_000, 0)]
+    assert result.emitted.to_pylist() == [{"k": "a", "window_start": 1_000, "window_end": 4_000, "n": 3},
+                                          {"k": "c", "window_start": 4_000, "window_end": 4_000, "n": 1},
+                                          {"k": "a", "window_start": 8_000, "window_end": 8_000, "n": 1}]
+    assert agg.advance(19_999).to_pylist() == []
+    assert agg.advance(20_000).to_pylist() == [{"k": "b", "window_start": 9_000, "window_end": 14_000, "n": 3}]
+    assert agg.open_windows == 0
+
+
+def test_count_state_survives_a_snapshot() -> None:
+    aggregates = [Aggregate("n", "count"), Aggregate("kinds", "count_distinct", "v"), Aggregate("f", "first", "v"),
+                  Aggregate("l", "last", "v"), Aggregate("s", "sum", "v"), Aggregate("lo", "min", "v")]
+    one = WindowedAggregation(Count(3), ["k"], aggregates)
+    assert one.process(pa.table({"k": ["a", "a", "b", "a", "a"], "v": [1, 2, 5, 2, 7]}),
+                       pa.array([5, 1, 8, 3, 9])).emitted.to_pylist() == [
+        {"k": "a", "window_start": 1, "window_end": 5, "n": 3, "kinds": 2, "f": 2, "l": 1, "s": 5, "lo": 1}]
+    two = restored(one)
+    rest = (pa.table({"k": ["b", "a", "b", "b"], "v": [None, 4, 6, 1]}), pa.array([2, 0, 4, 6]))
+    result = two.process(*rest)
+    _same(one.process(*rest), result)
+    assert result.emitted.to_pylist() == [  # b's first window is complete at its third record; a's second stays open
+        {"k": "b", "window_start": 2, "window_end": 8, "n": 3, "kinds": 2, "f": None, "l": 5, "s": 11, "lo": 5}]
+    assert two.advance(100).to_pylist() == [] and two.open_windows == 2
+    assert two.close_all().to_pylist() == [  # the end of the input: the open windows as they stand
+        {"k": "a", "window_start": 0, "window_end": 9, "n": 2, "kinds": 2, "f": 4, "l": 7, "s": 11, "lo": 4},
+        {"k": "b", "window_start": 6, "window_end": 6, "n": 1, "kinds": 1, "f": 1, "l": 1, "s": 1, "lo": 1}]
+    assert two.open_windows == 0
+
