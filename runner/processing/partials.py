@@ -2,7 +2,8 @@
 
 `Partials` holds one row per group (a window and key) of partial aggregates, and merges a
 batch of records into them with `group_by` (no Python per record or per group); tumbling,
-hopping, session and count windows keep their state in one.
+hopping, session and count windows keep their state in one. Sliding windows recompute
+their windows from the records instead, with the same aggregate specs (`specs`).
 
 Internal columns are named with a `#` (`#start`, `#time`, `#count`, `#sum:bytes`, ...):
 no Avro field can be (Avro names match `[A-Za-z_][A-Za-z0-9_]*`), so a user's field never

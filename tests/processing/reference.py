@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from runner.processing.windows import Count, Session
+from runner.processing.windows import Count, Session, Sliding
 
 
 def reference(window, grace, emit):
@@ -22,6 +22,8 @@ def reference(window, grace, emit):
         return Sessions(window.gap, grace, emit)
     if isinstance(window, Count):
         return Counts(window.n, emit)
+    if isinstance(window, Sliding):
+        return SlidingWindows(window.size, grace, emit)
     return TimeWindows(window.size, getattr(window, "advance", window.size), grace, emit)
 
 
@@ -201,3 +203,46 @@ class Counts(Reference):
     def open(self):
         return len(self.windows)
 
+
+class SlidingWindows(Reference):
+    """Each distinct (k, t) of a counted record defines the window [t - size, t] of k,
+    holding every counted record of k within it; it closes at t + grace. A record whose own
+    window is closed as it comes is late and counts nowhere."""
+
+    def __init__(self, size, grace, emit):
+        super().__init__(grace, emit)
+        self.size = size
+        self.records = {}  # k -> counted records, ever
+        self.windows = set()  # (end, k), open or not yet emitted
+
+    def batch(self, records):
+        changed, late = set(), []
+        for i, (k, t, v, u) in enumerate(records):
+            before = self._before()
+            if t + self.grace <= before:
+                late.append((i, t - self.size, t, before - (t + self.grace)))
+            else:
+                self.records.setdefault(k, []).append((t, self.arrival, v, u))
+                self.windows.add((t, k))
+                changed |= {(e, kk) for e, kk in self.windows if kk == k and e - self.size <= t <= e}
+            self.arrival += 1
+            self._saw(t)
+        return self._close(changed), late, 0
+
+    def _close(self, changed):
+        order = sorted(changed if self.emit == "updates" else
+                       [w for w in self.windows if w[0] + self.grace <= self.stream],
+                       key=lambda w: (w[0], key_order(w[1])))
+        out = [span_value(k, e - self.size, e, [r for r in self.records[k] if e - self.size <= r[0] <= e])
+               for e, k in order]
+        self.windows = {w for w in self.windows if w[0] + self.grace > self.stream}
+        return out
+
+    def close_all(self):
+        if not self.windows:
+            return []
+        self.stream = max(self.stream, max(e for e, _ in self.windows) + self.grace)
+        return self._close([])
+
+    def open(self):
+        return len(self.windows)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.processing.windows import Aggregate, Count, Hopping, Session, Tumbling, WindowedAggregation
+from runner.processing.windows import Aggregate, Count, Hopping, Session, Sliding, Tumbling, WindowedAggregation
 from tests.processing.reference import reference
 
 AGGREGATES = [
@@ -29,6 +29,7 @@ KINDS = {
     "tumbling": st.builds(Tumbling, st.integers(1, 20)),
     "hopping": st.integers(1, 20).flatmap(lambda size: st.builds(Hopping, st.just(size), st.integers(1, size))),
     "session": st.builds(Session, st.integers(0, 20)),
+    "sliding": st.builds(Sliding, st.integers(0, 20)),
     "count": st.builds(Count, st.integers(1, 8)),
 }
 EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", 30))  # per kind; the dev loop's budget
@@ -121,6 +122,7 @@ def _property_test(kind):
 test_tumbling_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("tumbling")
 test_hopping_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("hopping")
 test_session_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("session")
+test_sliding_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("sliding")
 test_count_batches_with_arrow_give_what_one_record_at_a_time_gives = _property_test("count")
 
 
@@ -157,7 +159,7 @@ def _collision_stream(seed: int) -> list[tuple]:
     return records
 
 
-@pytest.mark.parametrize("window", [Tumbling(7), Hopping(8, 3), Session(3), Count(4)], ids=repr)
+@pytest.mark.parametrize("window", [Tumbling(7), Hopping(8, 3), Session(3), Sliding(5), Count(4)], ids=repr)
 @pytest.mark.parametrize("emit", ["final", "updates"])
 def test_user_fields_named_like_internal_columns_do_not_collide(window, emit) -> None:
     """Key and aggregated fields named as the internal columns were (`__start`, `count`, ...)
@@ -240,4 +242,21 @@ def test_count_state_survives_a_snapshot() -> None:
         {"k": "a", "window_start": 0, "window_end": 9, "n": 2, "kinds": 2, "f": 4, "l": 7, "s": 11, "lo": 4},
         {"k": "b", "window_start": 6, "window_end": 6, "n": 1, "kinds": 1, "f": 1, "l": 1, "s": 1, "lo": 1}]
     assert two.open_windows == 0
+
+
+def test_sliding_windows_end_at_each_record_and_a_late_record_counts_nowhere() -> None:
+    agg = WindowedAggregation(Sliding(10), ["k"], [Aggregate("n", "count"), Aggregate("f", "first", "v")], grace=5)
+    # a@103 comes after a@105, within grace: it defines [93, 103] and counts in [95, 105].
+    result = agg.process(pa.table({"k": ["a", "a", "a"], "v": [1, 2, 3]}), pa.array([100, 105, 103]))
+    assert result.emitted.to_pylist() == [{"k": "a", "window_start": 90, "window_end": 100, "n": 1, "f": 1}]
+    assert agg.open_windows == 2  # [93, 103] closes at 108, [95, 105] at 110
+    # a@101 meets the stream time 112: its own window [91, 101] closed at 106, so it is late and
+    # counts nowhere, not even in [98, 108], still open, which would hold it.
+    result = agg.process(pa.table({"k": ["a", "a", "a"], "v": [4, 5, 6]}), pa.array([112, 108, 101]))
+    assert [(x.index, x.window_start, x.window_end, x.late_by) for x in result.late] == [(2, 91, 101, 6)]
+    assert result.emitted.to_pylist() == [{"k": "a", "window_start": 93, "window_end": 103, "n": 2, "f": 1},
+                                          {"k": "a", "window_start": 95, "window_end": 105, "n": 3, "f": 1}]
+    assert agg.advance(116).to_pylist() == [{"k": "a", "window_start": 98, "window_end": 108, "n": 4, "f": 1}]
+    assert agg.close_all().to_pylist() == [{"k": "a", "window_start": 102, "window_end": 112, "n": 4, "f": 3}]
+    assert agg.open_windows == 0 and agg.stream_time == 117
 
