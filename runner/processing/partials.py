@@ -163,9 +163,11 @@ class Partials:
     def load(self, tables: dict[str, pa.Table]) -> None:
         tables = dict(tables)
         self.state = tables.pop("", None)
-        if self.state is not None and not set(self.groups) <= set(self.state.column_names):
-            raise ValueError(f"the stored window state has columns {self.state.column_names}, not the groups "
-                             f"{self.groups} of this window: written for another window or by an older version")
+        strange = [name for name in tables if not name.startswith("distinct:")]
+        if strange or self.state is not None and not set(self.groups) <= set(self.state.column_names):
+            found = self.state.column_names if self.state is not None else strange
+            raise ValueError(f"the stored window state holds {found}, not the groups {self.groups} of this "
+                             "window: written for another kind of window, or by an older version")
         self.distinct = {name.split(":", 1)[1]: t for name, t in tables.items() if name.startswith("distinct:")}
 
 

@@ -260,3 +260,18 @@ def test_sliding_windows_end_at_each_record_and_a_late_record_counts_nowhere() -
     assert agg.close_all().to_pylist() == [{"k": "a", "window_start": 102, "window_end": 112, "n": 4, "f": 3}]
     assert agg.open_windows == 0 and agg.stream_time == 117
 
+
+def test_a_state_written_for_another_kind_of_window_is_refused() -> None:
+    batch = (pa.table({"k": ["a"], "v": [1]}), pa.array([5]))
+    aggregates = [Aggregate("n", "count"), Aggregate("d", "count_distinct", "v")]
+    windows = [Tumbling(10), Session(10), Sliding(10), Count(3)]
+    for one in windows:
+        agg = WindowedAggregation(one, ["k"], aggregates)
+        agg.process(*batch)
+        for other in windows:
+            fresh = WindowedAggregation(other, ["k"], aggregates)
+            if type(other) is type(one):
+                fresh.restore(agg.snapshot())
+            else:
+                with pytest.raises(ValueError, match="another kind of window"):
+                    fresh.restore(agg.snapshot())
