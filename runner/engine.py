@@ -14,12 +14,12 @@ import pathlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import fastavro
 
-from runner.broker.base import Broker
+from runner.broker.base import Broker, TopicPartition
 from runner.broker.embedded import EmbeddedBroker
 from runner.broker.kafka_options import KafkaOptions
 from runner.chain import Chain, build_chain
@@ -27,17 +27,19 @@ from runner.config import Config, ConfigError
 from runner.connector import ConnectorContext
 from runner.errors import FatalError, PipelineError, Problem, SpecError, UsageError, os_error
 from runner.plugins import PluginHost, UnknownConnector, load_plugins
-from runner.processing.plan import plan
+from runner.processing.plan import keyed_by_group, plan
 from runner.schema.registry import SchemaRegistry
 from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
+from runner.spec.model import ProcessorSpec
 from runner.runs import RunHistory
 from runner.schedule import Clock, SystemClock
 from runner.worker import (
     Counters,
     DeadLetters,
     ProcessorRunner,
+    Task,
     ScheduledRunner,
     SinkRunner,
     WorkerGroup,
@@ -365,13 +367,13 @@ class Pipeline:
             self._processor_counters = {p.name: Counters(p.name, "processor", target=f"{', '.join(p.inputs)} → {p.output}")
                                         for p in processors}
             self.counters += self._processor_counters.values()
-            # One runner per processor among all the processes of the pipeline (Kafka: a
-            # processor not assigned here runs in another process).
-            processor_group = WorkerGroup(spec.name, "processors", [
-                TaskSlot(p.name, 0, lambda stop, p=p: self._processor_runner(
-                    p, topics, broker, registry, dead_letters, fed_by[p.name], stop, done[p.name]))
-                for p in processors
-            ], broker, self.stop_event, self.once)
+            # Each processor's tasks, shared among all the processes of the pipeline (Kafka:
+            # a task not assigned here runs in another process).
+            slots = []
+            for p in processors:
+                slots += await self._processor_slots(p, topics, broker, registry, dead_letters, fed_by[p.name],
+                                                     done[p.name])
+            processor_group = WorkerGroup(spec.name, "processors", slots, broker, self.stop_event, self.once)
             sink_runners = (
                 [] if self.only_sources is not None
                 else self._sink_runners(topics, broker, registry, dead_letters, upstream_done)
@@ -516,14 +518,30 @@ class Pipeline:
         self._watchers.append(asyncio.create_task(watch()))
         return event
 
-    def _processor_runner(self, p: Any, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry,
-                          dead_letters: DeadLetters, upstream_done: asyncio.Event | None, stop: asyncio.Event,
-                          done: asyncio.Event) -> ProcessorRunner:
-        counters = self._processor_counters[p.name]  # one per processor, however often it restarts here
+    async def _processor_slots(self, p: ProcessorSpec, topics: dict[str, Topic], broker: Broker,
+                               registry: SchemaRegistry, dead_letters: DeadLetters,
+                               upstream_done: asyncio.Event | None, done: asyncio.Event) -> list[TaskSlot]:
+        """A processor's tasks: one, reading every partition of its inputs; or, for an
+        aggregation by a key its one input topic is keyed by already (`keyed_by_group`),
+        one per partition, each aggregating its partition's keys with its own stream time
+        and state (as Kafka Streams' tasks do), so that on Kafka they spread over the
+        pipeline's processes. `done` is set when the last of them has ended (--once)."""
         found = plan(p, {t: self.spec.topics[t].schema for t in p.reads})
-        return ProcessorRunner(p, {t: topics[t] for t in p.inputs}, topics[p.output], broker, registry.schema_by_id,
-                               dead_letters, counters, stop, upstream_done, found.time_is_timestamp,
-                               table=topics[p.join.table] if p.join is not None else None, done=done)
+        table = topics[p.join.table] if p.join is not None else None
+        inputs, output = {t: topics[t] for t in p.inputs}, topics[p.output]
+        counters = self._processor_counters[p.name]
+
+        def slot(index: int, task: Task, ended: asyncio.Event) -> TaskSlot:
+            return TaskSlot(p.name, index, lambda stop: ProcessorRunner(
+                p, inputs, output, broker, registry.schema_by_id, dead_letters, counters, stop, upstream_done,
+                found.time_is_timestamp, table=table, done=ended, task=task))
+
+        if not keyed_by_group(p, {name: t.key for name, t in self.spec.topics.items()}):
+            return [slot(0, Task(), done)]
+        source = p.inputs[0]
+        ended = [asyncio.Event() for _ in range(topics[source].partitions)]
+        self._watchers.append(asyncio.create_task(_all_set(ended, done)))
+        return [slot(i, Task(i, [TopicPartition(source, i)]), ended[i]) for i in range(len(ended))]
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []
@@ -566,6 +584,13 @@ def compact(spec: Spec, host: PluginHost, sinks: list[str] | None = None, *,
         for entry in spec.sinks
         if sinks is None or entry.name in sinks
     }
+
+
+async def _all_set(events: list[asyncio.Event], then: asyncio.Event) -> None:
+    """Set `then` once every one of `events` is set."""
+    for event in events:
+        await event.wait()
+    then.set()
 
 
 def group_name(spec: Spec, sink: ConnectorSpec) -> str:

@@ -167,9 +167,11 @@ class Broker(Protocol):
         gives at-least-once there instead."""
         ...
 
-    async def consumer(self, group: str | None, topics: list[str]) -> Consumer:
+    async def consumer(self, group: str | None, topics: list[str], *,
+                       only: list[TopicPartition] | None = None) -> Consumer:
         """A consumer of `topics` in consumer group `group`; with None, a reader outside any
-        group, assigned every partition, that must not commit (`pipeline consume`)."""
+        group, assigned every partition (or the partitions `only` names), that must not
+        commit (`pipeline consume`, processors)."""
         ...
 
     async def topics(self) -> list[TopicInfo]: ...

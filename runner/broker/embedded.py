@@ -499,14 +499,16 @@ class EmbeddedBroker:
 
     # -- consumer groups -----------------------------------------------------------
 
-    async def consumer(self, group: str | None, topics: list[str]) -> EmbeddedConsumer:
+    async def consumer(self, group: str | None, topics: list[str], *,
+                       only: list[TopicPartition] | None = None) -> EmbeddedConsumer:
         self._check_started()
         resolved = [await self._topic(name) for name in dict.fromkeys(topics)]
         positions: dict[TopicPartition, int] = {}
         for t in resolved:
             committed = await self.committed(group, t.name)
             for p in range(t.partitions):
-                positions[TopicPartition(t.name, p)] = committed.get(p, 0)
+                if only is None or TopicPartition(t.name, p) in only:
+                    positions[TopicPartition(t.name, p)] = committed.get(p, 0)
         conn = _Conn(await asyncio.to_thread(self._connect))
         consumer = EmbeddedConsumer(self, group, resolved, positions, conn)
         self._consumers.add(consumer)

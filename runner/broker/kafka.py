@@ -535,8 +535,9 @@ class KafkaBroker:
 
     # -- consumer groups -----------------------------------------------------------------
 
-    async def consumer(self, group: str | None, topics: list[str]) -> KafkaConsumer:
-        consumer = KafkaConsumer(self, group, topics)
+    async def consumer(self, group: str | None, topics: list[str], *,
+                       only: list[TopicPartition] | None = None) -> KafkaConsumer:
+        consumer = KafkaConsumer(self, group, topics, only)
         await consumer.start()
         return consumer
 
@@ -630,10 +631,12 @@ class _Listener(ConsumerRebalanceListener):
 class KafkaConsumer:
     """A member of a Kafka consumer group, as the worker's Consumer."""
 
-    def __init__(self, broker: KafkaBroker, group: str | None, topics: list[str]) -> None:
+    def __init__(self, broker: KafkaBroker, group: str | None, topics: list[str],
+                 only: list[TopicPartition] | None = None) -> None:
         self.broker = broker
         self.group = group
         self.topics = list(dict.fromkeys(topics))
+        self.only = only  # (no group) the partitions to read; None: every one
         settings = {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, **dict(broker.options.consumer)}
         client = dict(broker.settings)
         # A JoinGroup request may take up to the session timeout to be answered.
@@ -672,6 +675,7 @@ class KafkaConsumer:
         if self.group is None:
             self._consumer.assign([
                 KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
+                if self.only is None or TopicPartition(t, p) in self.only
             ])
             return
         # The group's first rebalance round; a member may be given nothing (more processes

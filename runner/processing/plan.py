@@ -239,3 +239,15 @@ def _record_name(name: str) -> str:
     parts = [part for part in "".join(ch if ch.isalnum() else " " for ch in name).split() if part]
     text = "".join(part[:1].upper() + part[1:] for part in parts) or "Processor"
     return text if not text[0].isdigit() else "P" + text
+
+
+# -- how a processor's work divides --------------------------------------------------------
+
+
+def keyed_by_group(p: ProcessorSpec, topic_keys: dict[str, str | None]) -> bool:
+    """An aggregation by one field whose one input topic a source keys by that field: each
+    key's records are in one partition already, so the partitions can be aggregated apart.
+    (Other aggregations would need their records re-keyed through a repartition topic
+    first; for now one task reads all their partitions.)"""
+    return p.kind == "aggregate" and len(p.keys) == 1 and len(p.inputs) == 1 \
+        and topic_keys.get(p.inputs[0]) == p.keys[0]

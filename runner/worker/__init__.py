@@ -21,7 +21,7 @@ from runner.worker.common import (
     retrying,
 )
 from runner.worker.group import WorkerGroup, TaskSlot
-from runner.worker.processor import ProcessorRunner
+from runner.worker.processor import ProcessorRunner, Task
 from runner.worker.scheduled import ScheduledRunner
 from runner.worker.sink import SinkRunner
 from runner.worker.source import SourceRunner
@@ -33,6 +33,7 @@ __all__ = [
     "ScheduledRunner",
     "SinkRunner",
     "SourceRunner",
+    "Task",
     "TaskSlot",
     "WorkerGroup",
     "Topic",

@@ -43,6 +43,7 @@ import base64
 import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -53,7 +54,7 @@ from runner.broker.partitioner import partition_keys
 from runner.errors import RecordError
 from runner.expressions import Condition
 from runner.processing.tables import LatestByKey, positions
-from runner.processing.windows import Aggregate, Hopping, Tumbling, WindowedAggregation
+from runner.processing.windows import Aggregate, Count, Hopping, Session, Sliding, Tumbling, Window, WindowedAggregation
 from runner.schema.arrow import avro_to_arrow
 from runner.schema.codec import BatchDecoder
 from runner.spec.model import ProcessorSpec
@@ -63,12 +64,23 @@ FETCH_RECORDS = 10_000
 QUEUE_LIMIT = 200_000  # records held back for slower partitions, at most
 
 
+@dataclass(frozen=True)
+class Task:
+    """Which part of a processor a runner is: the whole processor (the default), or the
+    aggregation of some partitions (see `Pipeline._processor_slots`)."""
+
+    index: int = 0  # the task's number among the processor's tasks
+    partitions: list[TopicPartition] | None = None  # the input partitions it reads; None: all
+
+
 class ProcessorRunner:
     def __init__(self, spec: ProcessorSpec, inputs: dict[str, Topic], output: Topic, broker: Broker,
                  lookup: Any, dead_letters: DeadLetters, counters: Counters, stop: asyncio.Event,
                  upstream_done: asyncio.Event | None, time_is_timestamp: bool,
-                 table: Topic | None = None, done: asyncio.Event | None = None) -> None:
+                 table: Topic | None = None, done: asyncio.Event | None = None,
+                 task: Task | None = None) -> None:
         self.spec = spec
+        self.task = task or Task()
         self.done = done  # set when the run ends by itself (a --once run's input ended)
         self.name = spec.name
         self.inputs = inputs
@@ -84,10 +96,8 @@ class ProcessorRunner:
         self.where = Condition(spec.where, label=f"where {spec.where!r}") if spec.where is not None else None
         self.aggregation: WindowedAggregation | None = None
         if spec.window is not None:
-            window = spec.window
-            shape = Tumbling(window["tumbling"]) if "tumbling" in window else Hopping(window["hopping"], window["advance"])
             self.aggregation = WindowedAggregation(
-                shape, spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace,
+                _window(spec.window), spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace,
                 emit=spec.emit)
         self.needed = list(dict.fromkeys([*spec.keys, *(f for _, _, f in spec.aggregates if f)]))
         self.out_arrow = avro_to_arrow(output.schema)
@@ -100,7 +110,9 @@ class ProcessorRunner:
             self.table_decoder = BatchDecoder(lookup, table.schema)
             self.table_arrow = avro_to_arrow(table.schema)
             self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]))
-        self.writer = broker.source_writer(self.name, 0, [output.name, *self._dlq()], replays_exactly=False)
+        self.writer = broker.source_writer(self.name, self.task.index, [output.name, *self._dlq()],
+                                           replays_exactly=False)
+        self.state_key = f"state/{self.task.index}"
         self.positions: dict[TopicPartition, int] = {}
         self.aggregated = 0  # records counted into windows or written on, not yet committed
         self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
@@ -112,11 +124,12 @@ class ProcessorRunner:
 
     async def run(self) -> None:
         stored = await self.writer.open()
-        if "state" in stored and self.aggregation is not None:
-            snapshot = stored["state"]
+        if self.state_key in stored and self.aggregation is not None:
+            snapshot = stored[self.state_key]
             self.aggregation.restore({"stream_time": snapshot["stream_time"],
                                       "tables": {k: base64.b64decode(v) for k, v in snapshot["tables"].items()}})
-        consumer = await self.broker.consumer(None, list(self.inputs))  # every partition, no group
+        # Every partition of the inputs (or the task's), no group: the offsets are ours.
+        consumer = await self.broker.consumer(None, list(self.inputs), only=self.task.partitions)
         try:
             for tp in await consumer.assignment():
                 position = stored.get(f"{tp.topic}/{tp.partition}", 0)
@@ -162,10 +175,12 @@ class ProcessorRunner:
             await self._commit(emitted, errors + late)
 
     async def _ends(self) -> dict[TopicPartition, int]:
+        """Where each partition this runner reads ends now."""
         ends = {}
         for topic in self.inputs:
             for p, end in enumerate(await self.broker.end_offsets(topic)):
-                ends[TopicPartition(topic, p)] = end
+                if self.task.partitions is None or TopicPartition(topic, p) in self.task.partitions:
+                    ends[TopicPartition(topic, p)] = end
         return ends
 
     # -- fetched records, in event-time order across partitions -----------------------------
@@ -421,7 +436,7 @@ class ProcessorRunner:
         offsets: dict[str, Any] = {f"{tp.topic}/{tp.partition}": pos for tp, pos in self._positions().items()}
         if self.aggregation is not None:
             snapshot = self.aggregation.snapshot()
-            offsets["state"] = {"stream_time": snapshot["stream_time"],
+            offsets[self.state_key] = {"stream_time": snapshot["stream_time"],
                                 "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}
         await retrying(lambda: self.writer.produce(produce, offsets), self.counters, f"{self.name}: produce")
         # An aggregation's records are delivered into windows; the windows it emits are counted apart.
@@ -461,6 +476,14 @@ class ProcessorRunner:
                 out.append(ProduceBatch(self.output.name, p, [keys[i] for i in chosen], values.take(picked),
                                         [stamps[i] for i in chosen] if stamps is not None else [now] * len(chosen)))
         return out
+
+
+def _window(spec: dict[str, int]) -> Window:
+    """The window of a processor's `window:` (as the spec checked it)."""
+    if "hopping" in spec:
+        return Hopping(spec["hopping"], spec["advance"])
+    (kind, value), = spec.items()
+    return {"tumbling": Tumbling, "sliding": Sliding, "session": Session, "count": Count}[kind](value)
 
 
 def _keys(emitted: pa.Table, fields: list[str]) -> list[bytes | None]:
