@@ -12,7 +12,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.processing.partials import Partials, array, changes, key_ids, positions, run_ids
+from runner.processing.partials import (
+    Partials,
+    array,
+    changes,
+    key_ids,
+    positions,
+    run_ids,
+)
 from runner.processing.windows import Aggregate, Count, Result, WindowedAggregation
 
 

@@ -18,8 +18,23 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.processing.partials import Partials, array, changes, key_ids, positions, repeat, run_ids, steps_over
-from runner.processing.windows import Aggregate, Late, Result, Session, WindowedAggregation
+from runner.processing.partials import (
+    Partials,
+    array,
+    changes,
+    key_ids,
+    positions,
+    repeat,
+    run_ids,
+    steps_over,
+)
+from runner.processing.windows import (
+    Aggregate,
+    Late,
+    Result,
+    Session,
+    WindowedAggregation,
+)
 
 
 class SessionAggregation(WindowedAggregation):

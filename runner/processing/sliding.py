@@ -22,7 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.processing.partials import Partials, array, key_ids, positions, specs, value
-from runner.processing.windows import Aggregate, Late, Result, Sliding, WindowedAggregation, _floor
+from runner.processing.windows import (
+    Aggregate,
+    Late,
+    Result,
+    Sliding,
+    WindowedAggregation,
+    _floor,
+)
 
 
 class SlidingAggregation(WindowedAggregation):

@@ -106,7 +106,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -211,13 +211,14 @@ class WindowedAggregation:
     """See the module docstring. `WindowedAggregation(window, ...)` makes the aggregation of
     the window's kind, a subclass."""
 
-    def __new__(cls, window: Window, *args: Any, **kwargs: Any) -> WindowedAggregation:
+    def __new__(cls, window: Window, *args: Any, **kwargs: Any) -> Self:
+        kind = cls
         if cls is WindowedAggregation:
             if type(window) not in _KINDS:
                 raise TypeError(f"not a window: {window!r}")
             module, name = _KINDS[type(window)]
-            cls = getattr(importlib.import_module(module), name)
-        return super().__new__(cls)
+            kind = getattr(importlib.import_module(module), name)
+        return super().__new__(kind)
 
     def __init__(self, window: Window, keys: list[str], aggregates: list[Aggregate],
                  *, grace: int = 0, emit: str = "final") -> None:

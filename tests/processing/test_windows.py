@@ -17,7 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.processing.windows import Aggregate, Count, Hopping, Session, Sliding, Tumbling, WindowedAggregation
+from runner.processing.windows import (
+    Aggregate,
+    Count,
+    Hopping,
+    Session,
+    Sliding,
+    Tumbling,
+    WindowedAggregation,
+)
 from tests.processing.reference import reference
 
 AGGREGATES = [
@@ -32,7 +40,7 @@ KINDS = {
     "sliding": st.builds(Sliding, st.integers(0, 20)),
     "count": st.builds(Count, st.integers(1, 8)),
 }
-EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", 30))  # per kind; the dev loop's budget
+EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", "30"))  # per kind; the dev loop's budget
 
 
 @st.composite
