@@ -4,7 +4,10 @@ dead-letter topic, named; `pipeline validate` names a processor's mistakes by li
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from runner.broker.embedded import EmbeddedBroker
 from tests.conftest import pipeline_exe, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,3 +175,79 @@ def test_idle_close_emits_the_last_window_while_the_run_goes_on(tmp_path: Path) 
     finally:
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 0, run.stderr.read()
+
+
+def test_session_sliding_and_count_windows_through_the_cli(tmp_path: Path) -> None:
+    s = 1000
+    records = sorted([{"page": "a", "at": t * s, "size": t} for t in (0, 10, 20, 100, 105)] +
+                     [{"page": "b", "at": t * s, "size": 1} for t in (5, 50)], key=lambda r: r["at"])
+    windows = {
+        "{session: 30s}": [("a", 0, 20 * s, 3, 30), ("b", 5 * s, 5 * s, 1, 1), ("b", 50 * s, 50 * s, 1, 1),
+                           ("a", 100 * s, 105 * s, 2, 205)],
+        "{count: 2}": [("a", 0, 10 * s, 2, 10), ("a", 20 * s, 100 * s, 2, 120), ("b", 5 * s, 50 * s, 2, 2),
+                       ("a", 105 * s, 105 * s, 1, 105)],
+        "{sliding: 15s}": [("a", -15 * s, 0, 1, 0), ("b", -10 * s, 5 * s, 1, 1), ("a", -5 * s, 10 * s, 2, 10),
+                           ("a", 5 * s, 20 * s, 2, 30), ("b", 35 * s, 50 * s, 1, 1), ("a", 85 * s, 100 * s, 1, 100),
+                           ("a", 90 * s, 105 * s, 2, 205)],
+    }
+    for window, expected in windows.items():
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        tmp_path.mkdir()
+        spec = _spec(tmp_path, records, f"""\
+            - name: w
+              from: events
+              to: counts
+              key: page
+              time: at
+              window: {window}
+              aggregate: {{n: count(), total: sum(size)}}
+            """)
+        ran = run_cli("run", spec, "--once")
+        assert ran.returncode == 0, ran.stderr
+        out = [json.loads(line) for line in (tmp_path / "out" / "counts-0.jsonl").read_text().splitlines()]
+        got = [(o["page"], _ms(o["window_start"]), _ms(o["window_end"]), o["n"], o["total"]) for o in out]
+        assert sorted(got) == sorted(expected), window
+    spec.write_text(spec.read_text().replace("window: {sliding: 15s}", "window: {count: 2}\n    grace: 5s"))
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "grace does not apply" in checked.stderr
+    spec.write_text(spec.read_text().replace("window: {count: 2}", "window: {count: 2.5}"))
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "expected a number of records" in checked.stderr
+
+
+def _ms(text: str) -> int:
+    return round(dt.datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_group_by(tmp_path: Path) -> None:
+    """activity is keyed by remote_host: grouped by it, each of its 4 partitions is
+    aggregated by a task of its own (the summary's `views` line adds them up)."""
+    env = {"PIPELINE_STATE": str(tmp_path / "state"), "OUT_DIR": str(tmp_path / "out")}
+    spec = tmp_path / "views.yaml"
+    text = (REPO / "pipelines" / "views-per-minute.yaml").read_text()
+    text = text.replace("key: [method, status]", "key: remote_host").replace("first_path: first(path)", "")
+    spec.write_text(text.replace("schemas/", f"{REPO}/pipelines/schemas/").replace('"logs/', f'"{REPO}/pipelines/logs/'))
+    ran = run_cli("run", spec, "--once", "--json", env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    raw, views = f"{tmp_path}/out/activity/**/*.parquet", f"{tmp_path}/out/views-per-minute/**/*.parquet"
+    db = duckdb.connect()
+    expected = db.execute(f"""
+        select remote_host, time_bucket(interval 1 minute, timestamp), count(*), sum(bytes),
+               count(distinct remote_host), max(bytes)
+        from read_parquet('{raw}') group by all order by all""").fetchall()
+    got = db.execute(f"""select remote_host, window_start, views, bytes, visitors, largest
+        from read_parquet('{views}') order by all""").fetchall()
+    assert got == expected and len(got) > 100
+    (views_line,) = [c for c in json.loads(ran.stdout)["connectors"] if c["name"] == "views"]
+    assert views_line["read"] == db.execute(f"select count(*) from read_parquet('{raw}')").fetchone()[0]
+
+    async def stored() -> dict:
+        broker = EmbeddedBroker(tmp_path / "state", read_only=True)
+        await broker.start()
+        try:
+            return await broker.source_offsets("views")
+        finally:
+            await broker.close()
+    offsets = asyncio.run(stored())
+    assert {k for k in offsets if k.startswith("state/")} == {"state/0", "state/1", "state/2", "state/3"}
+    assert {k for k in offsets if not k.startswith("state/")} == {f"activity/{i}" for i in range(4)}

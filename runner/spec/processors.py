@@ -8,7 +8,7 @@ table, or passed on (merged, filtered).
         where: "status >= 400"         # optional: only records meeting it (the filter transform's language)
         key: [path, status]            # group by; the output key
         time: timestamp                # event time; omitted: the record's topic timestamp
-        window: {tumbling: 1m}         # or {hopping: 5m, advance: 1m}
+        window: {tumbling: 1m}         # or {hopping: 5m, advance: 1m} | {sliding: 5m} | {session: 30m} | {count: 1000}
         grace: 30s                     # lateness accepted (default 0)
         emit: final                    # or updates
         idle_close: 1m                 # with no input, wall-clock time closes windows
@@ -42,7 +42,8 @@ _KEYS = ("name", "from", "to", "where", "key", "time", "window", "grace", "emit"
 _WINDOWED = ("key", "time", "window", "grace", "emit", "idle_close", "aggregate")  # only with a window
 _JOIN_KEYS = ("table", "on", "fields", "how")
 _HOWS = ("left", "inner")
-_WINDOWS = ("tumbling", "hopping")
+_WINDOWS = ("tumbling", "hopping", "sliding", "session", "count")
+_WINDOW_FORMS = "{tumbling: 1m}, {hopping: 5m, advance: 1m}, {sliding: 5m}, {session: 30m} or {count: 1000}"
 _EMITS = ("final", "updates")
 _CALL = re.compile(r"\s*([A-Za-z_]+)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)?\s*\)\s*")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -113,6 +114,8 @@ def _processor(c: Checker, value: Any, path: str, topics: dict[str, TopicSpec | 
     if emit not in _EMITS:
         c.problem(join(path, "emit"), f"expected 'final' or 'updates', got {got(emit)}{suggest(str(emit), _EMITS)}")
     aggregates = _aggregates(c, entry.get("aggregate"), join(path, "aggregate"), keys)
+    if window is not None and "count" in window and "grace" in entry:
+        c.problem(join(path, "grace"), "a count window closes at its last record: grace does not apply to it")
     if c.attempts != before or name is None or window is None or grace is None:
         return None
     return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=list(keys), time=time,
@@ -159,22 +162,28 @@ def _joining(c: Checker, entry: dict, path: str, topics: dict[str, TopicSpec | N
 
 
 def _window(c: Checker, value: Any, path: str) -> dict[str, int] | None:
-    """{"tumbling": ms} or {"hopping": ms, "advance": ms}."""
+    """{"tumbling": ms}, {"hopping": ms, "advance": ms}, {"sliding": ms}, {"session": ms}
+    (the gap) or {"count": records}."""
     if not isinstance(value, dict) or not any(k in value for k in _WINDOWS):
-        c.problem(path, "expected {tumbling: 1m} or {hopping: 5m, advance: 1m}, got "
-                  f"{got(value)}", missing=value is None)
+        c.problem(path, f"expected one of {_WINDOW_FORMS}, got {got(value)}", missing=value is None)
         return None
     kinds = [k for k in _WINDOWS if k in value]
     c.unknown_keys(value, path, (*kinds, "advance") if "hopping" in kinds else kinds)
     if len(kinds) > 1:
-        c.problem(path, "choose one window: tumbling or hopping")
+        c.problem(path, f"choose one window: {', '.join(kinds)}")
         return None
     kind = kinds[0]
+    if kind == "count":
+        n = value[kind]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            c.problem(join(path, kind), f"expected a number of records (1 or more), got {got(n)}")
+            return None
+        return {"count": n}
     size = _duration(c, value[kind], join(path, kind))
     if size is None:
         return None
-    if kind == "tumbling":
-        return {"tumbling": size}
+    if kind != "hopping":
+        return {kind: size}
     advance = _duration(c, value.get("advance"), join(path, "advance"))
     if advance is None:
         return None
