@@ -40,7 +40,7 @@ KINDS = {
     "sliding": st.builds(Sliding, st.integers(0, 20)),
     "count": st.builds(Count, st.integers(1, 8)),
 }
-EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", "30"))  # per kind; the dev loop's budget
+EXAMPLES = int(os.environ.get("WINDOW_EXAMPLES", "25"))  # per kind; the dev loop's budget
 
 
 @st.composite
