@@ -251,3 +251,19 @@ def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_
     offsets = asyncio.run(stored())
     assert {k for k in offsets if k.startswith("state/")} == {"state/0", "state/1", "state/2", "state/3"}
     assert {k for k in offsets if not k.startswith("state/")} == {f"activity/{i}" for i in range(4)}
+
+
+def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_included(tmp_path: Path) -> None:
+    records = [{"page": "a", "at": 100_000, "size": 1}, {"page": "a", "at": 1_000, "size": 2}]
+    spec = _spec(tmp_path, records, """\
+        - name: recent
+          from: events
+          to: counts
+          key: page
+          time: at
+          window: {sliding: 10s}
+          aggregate: {n: count()}
+        """)
+    assert run_cli("run", spec, "--once").returncode == 0
+    (late,) = [json.loads(line) for line in run_cli("consume", "dlq", "--from-beginning", "--spec", spec).stdout.splitlines()]
+    assert "late: window [1969-12-31T23:59:51Z, 1970-01-01T00:00:01Z] had closed 99000 ms before it came" in late["error"]

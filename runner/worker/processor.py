@@ -99,6 +99,8 @@ class ProcessorRunner:
             self.aggregation = WindowedAggregation(
                 _window(spec.window), spec.keys, [Aggregate(n, f, fld) for n, f, fld in spec.aggregates], grace=spec.grace,
                 emit=spec.emit)
+        # Tumbling and hopping windows end before their end; sessions and sliding ones at it.
+        self.end_bracket = "]" if spec.window and ("session" in spec.window or "sliding" in spec.window) else ")"
         self.needed = list(dict.fromkeys([*spec.keys, *(f for _, _, f in spec.aggregates if f)]))
         self.out_arrow = avro_to_arrow(output.schema)
         self.defaults = {f["name"]: f.get("default") for f in output.schema["fields"]}
@@ -241,7 +243,7 @@ class ProcessorRunner:
         result = self.aggregation.process(table.select(self.needed), stamps)
         self.aggregated += table.num_rows - len(result.late)
         errors = [
-            self._error(f"late: window [{_iso(late.window_start)}, {_iso(late.window_end)}) had closed "
+            self._error(f"late: window [{_iso(late.window_start)}, {_iso(late.window_end)}{self.end_bracket} had closed "
                         f"{late.late_by} ms before it came (grace {self.spec.grace} ms)",
                         "process", table.slice(late.index, 1).to_pylist()[0], where[late.index], field=self.spec.time)
             for late in result.late
