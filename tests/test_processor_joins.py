@@ -192,3 +192,34 @@ def test_an_output_topic_may_declare_its_schema_when_the_records_fit_it(tmp_path
         {"name": "user", "type": "string"}, {"name": "page", "type": "string"}, {"name": "ms", "type": "long"}]}))
     checked = run_cli("validate", spec)
     assert checked.returncode == 2 and "field 'user' may be null" in checked.stderr
+
+
+def test_a_table_with_retention_drops_keys_not_updated_within_it(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """\
+        - name: enrich
+          from: clicks
+          to: out
+          join: {table: users, on: user, fields: [plan], retention: 7d}
+        """)
+    _lines(tmp_path / "users.jsonl", [{"id": "ann", "plan": "free"}, {"id": "bob", "plan": "pro"}])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a"}])
+    assert run_cli("run", spec, "--once").returncode == 0
+    assert [(o["user"], o["plan"]) for o in _out(tmp_path)] == [("ann", "free")]
+
+    async def later_record() -> None:  # cy's record, eight days after ann's and bob's
+        broker = EmbeddedBroker(tmp_path / ".pipeline" / "joins")
+        await broker.start()
+        consumer = await broker.consumer(None, ["users"])
+        (batch,) = await consumer.fetch(10, 1.0)
+        await consumer.close()
+        eight_days = 8 * 24 * 3600 * 1000
+        await broker.produce([ProduceBatch("users", 0, [b"cy"], [batch.values[1]], [batch.timestamps[1] + eight_days])])
+        await broker.close()
+    asyncio.run(later_record())
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/b"}, {"user": "cy", "page": "/c"}])
+    assert run_cli("run", spec, "--once").returncode == 0
+    got = {(o["user"], o["page"]): o["plan"] for o in _out(tmp_path)}
+    assert got == {("ann", "/a"): "free", ("ann", "/b"): None, ("cy", "/c"): "pro"}  # ann's record had expired
+    spec.write_text(spec.read_text().replace("retention: 7d", "retention: 7 days"))
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 2 and "expected a duration" in checked.stderr

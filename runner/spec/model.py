@@ -84,6 +84,7 @@ class JoinSpec:
     on: str
     fields: list[str] | None  # None: every field of the table
     how: str  # "left" (records without a match keep nulls) | "inner" (they are dropped)
+    retention: int | None = None  # ms: a key not updated for this long (by record time) is dropped
 
 
 @dataclass

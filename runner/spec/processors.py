@@ -16,7 +16,7 @@ table, or passed on (merged, filtered).
       - name: enrich
         from: [web-orders, shop-orders]
         to: orders
-        join: {table: customers, on: customer, fields: [name, country], how: left}   # or inner
+        join: {table: customers, on: customer, fields: [name, country], how: left}   # or inner; retention: 30d
       - name: errors-only               # neither: records passed on (merged, filtered)
         from: activity
         to: errors
@@ -40,7 +40,7 @@ from runner.spec.model import JoinSpec, ProcessorSpec, TopicSpec, join
 
 _KEYS = ("name", "from", "to", "where", "key", "time", "window", "grace", "emit", "idle_close", "aggregate", "join")
 _WINDOWED = ("key", "time", "window", "grace", "emit", "idle_close", "aggregate")  # only with a window
-_JOIN_KEYS = ("table", "on", "fields", "how")
+_JOIN_KEYS = ("table", "on", "fields", "how", "retention")
 _HOWS = ("left", "inner")
 _WINDOWS = ("tumbling", "hopping", "sliding", "session", "count")
 _WINDOW_FORMS = "{tumbling: 1m}, {hopping: 5m, advance: 1m}, {sliding: 5m}, {session: 30m} or {count: 1000}"
@@ -153,12 +153,13 @@ def _joining(c: Checker, entry: dict, path: str, topics: dict[str, TopicSpec | N
     how = spec.get("how", "left")
     if how not in _HOWS:
         c.problem(join(at, "how"), f"expected 'left' or 'inner', got {got(how)}{suggest(str(how), _HOWS)}")
+    retention = _duration(c, spec["retention"], join(at, "retention")) if "retention" in spec else None
     if c.attempts != before or name is None:
         return None
     return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=[], time=None, window=None,
                          grace=0, emit="final", idle_close=None, aggregates=[], key_path=path, where=where,
                          join=JoinSpec(table=str(table), on=str(on), fields=list(fields) if fields else None,
-                                       how=str(how)))
+                                       how=str(how), retention=retention))
 
 
 def _window(c: Checker, value: Any, path: str) -> dict[str, int] | None:

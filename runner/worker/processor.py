@@ -111,7 +111,7 @@ class ProcessorRunner:
             joined = [name for name in wanted if name in self.out_arrow.names]
             self.table_decoder = BatchDecoder(lookup, table.schema)
             self.table_arrow = avro_to_arrow(table.schema)
-            self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]))
+            self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]), spec.join.retention)
         self.writer = broker.source_writer(self.name, self.task.index, [output.name, *self._dlq()],
                                            replays_exactly=False)
         self.state_key = f"state/{self.task.index}"
@@ -416,7 +416,8 @@ class ProcessorRunner:
         ])
         order = pc.sort_indices(pa.array(good + dead, pa.int64()))  # back into offset order
         self.table.update(pa.array([fb.keys[i] for i in good + dead], pa.binary()).take(order), values.take(order),
-                          pa.array([False] * len(good) + [True] * len(dead), pa.bool_()).take(order))
+                          pa.array([False] * len(good) + [True] * len(dead), pa.bool_()).take(order),
+                          pa.array([fb.timestamps[i] for i in good + dead], pa.int64()).take(order))
         return errors
 
     def _error(self, message: str, stage: str, record: Any, where: tuple[str, int, int],
