@@ -3,11 +3,14 @@ They open the broker read-only, so they work while `pipeline run` is writing."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
 
 from runner.batch import json_default
 from runner.broker.base import TopicPartition
@@ -65,8 +68,10 @@ def describe_topics(spec: Spec, only: str | None = None) -> list[TopicDescriptio
 
 
 def offsets(spec: Spec) -> dict[str, Any]:
-    """Where each source stands (its stored source offsets) and each sink (its consumer
-    group's committed offsets, the topic's end and the lag), read-only."""
+    """Where each source stands (its stored source offsets), each processor (its stored
+    input positions, the inputs' ends and the lag; per task its stream time and the size
+    of its window state) and each sink (its consumer group's committed offsets, the
+    topic's end and the lag), read-only."""
     from runner.engine import group_name
 
     async def main() -> dict[str, Any]:
@@ -89,11 +94,66 @@ def offsets(spec: Spec) -> dict[str, Any]:
                         partitions.append({"topic": topic, "partition": p, "committed": at, "end": end,
                                            "lag": end - (at or 0)})
                 sinks.append({"name": entry.name, "group": group, "partitions": partitions})
-            return {"sources": sources, "sinks": sinks}
+            processors = []
+            for proc in spec.processors:
+                stored = await broker.source_offsets(proc.name)
+                ends = {t: await broker.end_offsets(t) for t in dict.fromkeys(proc.inputs) if t in names}
+                processors.append(_processor_offsets(proc.name, stored, ends))
+            return {"sources": sources, "processors": processors, "sinks": sinks}
         finally:
             await broker.close()
 
     return run_async(main)
+
+
+def _processor_offsets(name: str, stored: dict[str, Any], ends: dict[str, list[int]]) -> dict[str, Any]:
+    """A processor's stored offsets (see `runner.worker.processor`): "<topic>/<partition>"
+    -> where that input partition resumes, "state/<task>" -> the task's aggregation state.
+    Once anything is stored, every partition of its inputs is listed (one not stored yet
+    resumes at 0)."""
+    positions: dict[tuple[str, int], int | None] = {}
+    tasks = []
+    for key, value in stored.items():
+        if key.startswith("state/") and isinstance(value, dict):
+            tasks.append(_task_state(int(key.removeprefix("state/")), value))
+        elif isinstance(value, int):
+            topic, _, partition = key.rpartition("/")
+            positions[(topic, int(partition))] = value
+    if stored:
+        for topic, topic_ends in ends.items():
+            for p in range(len(topic_ends)):
+                positions.setdefault((topic, p), None)
+    partitions = []
+    for topic, p in sorted(positions):
+        at = positions[(topic, p)]
+        topic_ends = ends.get(topic)
+        end = topic_ends[p] if topic_ends is not None and p < len(topic_ends) else None
+        partitions.append({"topic": topic, "partition": p, "position": at, "end": end,
+                           "lag": None if end is None else end - (at or 0)})
+    return {"name": name, "partitions": partitions, "tasks": sorted(tasks, key=lambda t: t["task"])}
+
+
+def _task_state(task: int, state: dict[str, Any]) -> dict[str, Any]:
+    """A task's stream time and the size of its state tables (decoded from base64 Arrow
+    IPC). Open windows: the rows of the table named "" (a window's partial aggregates),
+    else of the largest table (a sliding window's buffered records)."""
+    tables = {}
+    for table, encoded in state.get("tables", {}).items():
+        data = base64.b64decode(encoded)
+        rows = sum(batch.num_rows for batch in pa.ipc.open_stream(data))
+        tables[table] = {"bytes": len(data), "rows": rows}
+    if "" in tables:
+        windows = tables[""]["rows"]
+    else:
+        windows = max((t["rows"] for t in tables.values()), default=0)
+    ms = state.get("stream_time")
+    return {"task": task, "stream_time": ms, "stream_time_utc": None if ms is None else _iso(ms),
+            "state_bytes": sum(t["bytes"] for t in tables.values()), "open_windows": windows, "tables": tables}
+
+
+def _iso(ms: int) -> str:
+    at = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(milliseconds=ms)
+    return at.isoformat(timespec="milliseconds" if ms % 1000 else "seconds").replace("+00:00", "Z")
 
 
 def consume(

@@ -618,8 +618,10 @@ class _JsonArray:
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 @spec_argument
 def offsets(as_json: bool, spec_path: str) -> None:
-    """Where each source stands (its stored source offsets: file, byte, line...) and each
-    sink (its consumer group's committed offset, the end of each topic-partition, the lag).
+    """Where each source stands (its stored source offsets: file, byte, line...), each
+    processor (its stored position in each input partition, the partition's end, the lag;
+    per task its stream time and window state: bytes and open windows) and each sink (its
+    consumer group's committed offset, the end of each topic-partition, the lag).
 
     \b
     Example:
@@ -629,19 +631,38 @@ def offsets(as_json: bool, spec_path: str) -> None:
     if as_json:
         click.echo(json.dumps(found, indent=2, default=str))
         return
+
+    def _count(n: int | None) -> str:
+        return "-" if n is None else f"{n:,}"
+
+    tables = []
     rows = [("source", "source partition", "offset")]
     for s in found["sources"]:
         for part, offset in sorted(s["offsets"].items()) or [("-", None)]:
             rows.append((s["name"], part, json.dumps(offset) if offset is not None else "-"))
-    if len(rows) > 1:
-        _table(rows)
+    tables.append(rows)
+    rows = [("processor", "topic", "partition", "position", "end", "lag")]
+    for pr in found["processors"]:
+        for p in pr["partitions"]:
+            rows.append((pr["name"], p["topic"], str(p["partition"]), _count(p["position"]), _count(p["end"]),
+                         _count(p["lag"])))
+        if not pr["partitions"]:  # not run yet
+            rows.append((pr["name"], "-", "-", "-", "-", "-"))
+    tables.append(rows)
+    rows = [("processor", "task", "stream time", "state bytes", "open windows")]
+    for pr in found["processors"]:
+        for t in pr["tasks"]:
+            rows.append((pr["name"], str(t["task"]), t["stream_time_utc"] or "-", _count(t["state_bytes"]),
+                         _count(t["open_windows"])))
+    tables.append(rows)
     rows = [("sink", "topic", "partition", "committed", "end", "lag")]
     for k in found["sinks"]:
         for p in k["partitions"]:
-            rows.append((k["name"], p["topic"], str(p["partition"]),
-                         "-" if p["committed"] is None else f"{p['committed']:,}", f"{p['end']:,}", f"{p['lag']:,}"))
-    if len(rows) > 1:
-        if len(found["sources"]):
+            rows.append((k["name"], p["topic"], str(p["partition"]), _count(p["committed"]), _count(p["end"]),
+                         _count(p["lag"])))
+    tables.append(rows)
+    for i, rows in enumerate([t for t in tables if len(t) > 1]):
+        if i:
             click.echo()
         _table(rows)
 
