@@ -108,14 +108,14 @@ def offsets(spec: Spec) -> dict[str, Any]:
 
 def _processor_offsets(name: str, stored: dict[str, Any], ends: dict[str, list[int]]) -> dict[str, Any]:
     """A processor's stored offsets (see `runner.worker.processor`): "<topic>/<partition>"
-    -> where that input partition resumes, "state/<task>" -> the task's aggregation state.
+    -> where that input partition resumes, "#state/<task>" -> the task's aggregation state.
     Once anything is stored, every partition of its inputs is listed (one not stored yet
     resumes at 0)."""
     positions: dict[tuple[str, int], int | None] = {}
     tasks = []
     for key, value in stored.items():
-        if key.startswith("state/") and isinstance(value, dict):
-            tasks.append(_task_state(int(key.removeprefix("state/")), value))
+        if key.startswith("#state/") and isinstance(value, dict):
+            tasks.append(_task_state(int(key.removeprefix("#state/")), value))
         elif isinstance(value, int):
             topic, _, partition = key.rpartition("/")
             positions[(topic, int(partition))] = value

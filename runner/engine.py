@@ -165,11 +165,19 @@ def _check_chain(spec: Spec, entry: ConnectorSpec, chain: Chain) -> list[Problem
 
 
 def _check_connector_built(spec: Spec, host: PluginHost, entry: ConnectorSpec, chain: Chain) -> list[Problem]:
-    """What a connector says of itself once built: its `preflight` warnings (a glob that
-    matches nothing) and, for a source that knows what it produces, whether that fits the
-    schema of each topic it writes (after its transform chain)."""
+    """What a connector says of itself once built: a `ConfigError` its constructor raises
+    (a setting that does not fit its topics' schemas, which only the built connector
+    sees), its `preflight` warnings (a glob that matches nothing) and, for a source that
+    knows what it produces, whether that fits the schema of each topic it writes (after
+    its transform chain)."""
     own = [entry.topic] if entry.kind == "source" else entry.topics
-    connector = Pipeline(spec, host)._build(entry.kind, entry, own, chain=chain)
+    try:
+        connector = Pipeline(spec, host)._build(entry.kind, entry, own, chain=chain)
+    except ConfigError as exc:  # located at the key when the spec sets it, else at the entry
+        return [
+            Problem(message, path=f"{entry.key_path}.config.{key}" if key in entry.config else entry.key_path)
+            for key, message in exc.problems
+        ]
     problems = [
         Problem(message, path=f"{entry.key_path}.config.{key}" if key else entry.key_path, level="warning")
         for key, message in connector.preflight()
@@ -536,12 +544,13 @@ class Pipeline:
                 p, inputs, output, broker, registry.schema_by_id, dead_letters, counters, stop, upstream_done,
                 found.time_is_timestamp, table=table, done=ended, task=task))
 
-        if not keyed_by_group(p, {name: t.key for name, t in self.spec.topics.items()}):
+        written = {q.output for q in self.spec.processors}
+        if not keyed_by_group(p, {name: t.key for name, t in self.spec.topics.items()}, written):
             return [slot(0, Task(), done)]
         source = p.inputs[0]
         ended = [asyncio.Event() for _ in range(topics[source].partitions)]
         self._watchers.append(asyncio.create_task(_all_set(ended, done)))
-        return [slot(i, Task(i, [TopicPartition(source, i)]), ended[i]) for i in range(len(ended))]
+        return [slot(i, Task(i, [TopicPartition(source, i)], count=len(ended)), ended[i]) for i in range(len(ended))]
 
     def _sink_runners(self, topics: dict[str, Topic], broker: Broker, registry: SchemaRegistry, dead_letters: DeadLetters, sources_done: asyncio.Event | None) -> list[SinkRunner]:
         runners = []

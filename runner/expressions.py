@@ -94,7 +94,7 @@ class Condition:
         if self._columnar is not None:
             try:
                 answer = self._columnar(table)
-            except (pa.ArrowException, TypeError, KeyError):
+            except (pa.ArrowException, TypeError, KeyError, OverflowError, ValueError):
                 answer = None  # types the kernels refuse (or a field that is not there): the row rules say
             if isinstance(answer, pa.ChunkedArray):
                 answer = answer.combine_chunks()

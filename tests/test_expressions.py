@@ -26,6 +26,7 @@ rows = st.lists(st.fixed_dictionaries({
 }), max_size=30)
 
 numbers = st.sampled_from(["status", "bytes", "ratio", "0", "400", "2.5", "-1", "bytes + 1", "bytes * 2",
+                           "9223372036854775808", "18446744073709551615 / bytes",
                            "bytes / 2", "bytes / status", "bytes - status", "-bytes"])
 texts = st.sampled_from(["path", "'/api'", "''", "'/ünï'"])
 
@@ -40,7 +41,8 @@ def comparisons(draw) -> str:
         return f"{draw(texts)} {op} {draw(texts)}"
     if kind == "in":
         neg = draw(st.sampled_from(["in", "not in"]))
-        return draw(st.sampled_from([f"status {neg} (404, 500)", f"path {neg} ['/', '/api']", f"bytes {neg} (1, 2.0)"]))
+        return draw(st.sampled_from([f"status {neg} (404, 500)", f"path {neg} ['/', '/api']", f"bytes {neg} (1, 2.0)",
+                                     f"bytes {neg} (9223372036854775808,)"]))
     if kind == "none":
         return f"{draw(st.sampled_from(['status', 'path', 'ratio', 'ok']))} is {draw(st.sampled_from(['', 'not ']))}None"
     if kind == "starts":

@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import duckdb
 
 from runner.broker.base import ProduceBatch
 from runner.broker.embedded import EmbeddedBroker
-from tests.conftest import run_cli
+from tests.conftest import pipeline_exe, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +142,8 @@ def test_an_inner_join_drops_unmatched_records_and_a_keyless_table_record_is_a_d
     assert ran.returncode == 0, ran.stderr
     assert [(o["user"], o["page"], o["plan"]) for o in _out(tmp_path)] == [("ann", "/a", "free")]
     enrich = [c for c in json.loads(ran.stdout)["connectors"] if c["name"] == "enrich"][0]
-    assert enrich["read"] == 4 and enrich["delivered"] == 1 and enrich["filtered"] == 2
+    # read: 4 clicks and the keyless table record (dead-lettered); good table records are state, not read
+    assert (enrich["read"], enrich["delivered"], enrich["filtered"], enrich["dead_lettered"]) == (5, 1, 2, 2)
     letters = [json.loads(line) for line in run_cli("consume", "dlq", "--from-beginning", "--spec", spec).stdout.splitlines()]
     by = {d["field"]: d for d in letters if d["connector"] == "enrich"}
     assert "is null" in by["ms"]["error"] and "where 'ms > 100'" in by["ms"]["error"]
@@ -223,3 +227,77 @@ def test_a_table_with_retention_drops_keys_not_updated_within_it(tmp_path: Path)
     spec.write_text(spec.read_text().replace("retention: 7d", "retention: 7 days"))
     checked = run_cli("validate", spec)
     assert checked.returncode == 2 and "expected a duration" in checked.stderr
+
+
+def test_interrupting_a_once_run_does_not_hang_a_join_waiting_for_its_table(tmp_path: Path) -> None:
+    """A join in a --once run waits for what feeds it before it joins; Ctrl-C stops that
+    wait too (it waited forever for an upstream processor that had been stopped)."""
+    spec = _spec(tmp_path, """\
+        - name: copy
+          from: clicks
+          to: mid
+        - name: enrich
+          from: mid
+          to: out
+          join: {table: users, on: user, fields: [plan]}
+        """)
+    spec.write_text(spec.read_text().replace("  out: {partitions: 1}", "  out: {partitions: 1}\n  mid: {partitions: 1}"))
+    _lines(tmp_path / "users.jsonl", [{"id": "u1", "plan": "free"}])
+    with (tmp_path / "clicks.jsonl").open("w") as f:
+        f.writelines('{"user": "u%d", "page": "/p", "ms": %d}\n' % (i % 100, i) for i in range(1_000_000))
+    run = subprocess.Popen([pipeline_exe(), "run", str(spec), "--once", "--no-progress"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ".pipeline" / "joins").exists():  # started
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.1)
+    time.sleep(1.0)  # mid-run: the source is still reading clicks, so `copy` and `enrich` wait
+    run.send_signal(signal.SIGINT)
+    try:
+        code = run.wait(20)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert code in (0, 130), run.stderr.read()
+
+
+def test_join_and_merge_edge_cases_the_review_found(tmp_path: Path) -> None:
+    """A table field that is a list; a named type defined by a field that is not carried
+    over; table records without a key counted as read and dead-lettered."""
+    (tmp_path / "clicks.avsc").write_text(json.dumps({"type": "record", "name": "Click", "fields": [
+        {"name": "user", "type": "string"}, {"name": "page", "type": "string"}]}))
+    (tmp_path / "user.avsc").write_text(json.dumps({"type": "record", "name": "User", "fields": [
+        {"name": "id", "type": ["null", "string"], "default": None},
+        {"name": "tier", "type": {"type": "enum", "name": "Tier", "symbols": ["free", "pro"]}},
+        {"name": "old_tier", "type": "Tier"},
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+    ]}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: edge
+        topics:
+          clicks: {partitions: 1, schema: clicks.avsc, key: user}
+          users: {partitions: 1, schema: user.avsc, key: id}
+          out: {partitions: 1}
+        sources:
+          - {name: click-log, connector: jsonl, topic: clicks, config: {paths: [clicks.jsonl]}}
+          - {name: user-log, connector: jsonl, topic: users, config: {paths: [users.jsonl]}}
+        processors:
+          - name: enrich
+            from: clicks
+            to: out
+            join: {table: users, on: user, fields: [old_tier, tags]}
+        sinks:
+          - {name: sink, connector: jsonl, topics: [out], config: {path: got}}
+        errors: {tolerance: all, dead_letter_topic: dlq}
+        """))
+    _lines(tmp_path / "users.jsonl", [{"id": "ann", "tier": "pro", "old_tier": "free", "tags": ["a", "b"]},
+                                      {"id": None, "tier": "pro", "old_tier": "pro", "tags": []}])
+    _lines(tmp_path / "clicks.jsonl", [{"user": "ann", "page": "/a"}, {"user": "bob", "page": "/b"}])
+    ran = run_cli("run", spec, "--once", "--json")
+    assert ran.returncode == 0, ran.stderr
+    got = {o["user"]: (o["old_tier"], o["tags"]) for o in _out(tmp_path)}
+    assert got == {"ann": ("free", ["a", "b"]), "bob": (None, None)}
+    (enrich,) = [c for c in json.loads(ran.stdout)["connectors"] if c["name"] == "enrich"]
+    assert (enrich["read"], enrich["delivered"], enrich["dead_lettered"]) == (3, 2, 1)  # read = delivered + dead

@@ -249,8 +249,8 @@ def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_
         finally:
             await broker.close()
     offsets = asyncio.run(stored())
-    assert {k for k in offsets if k.startswith("state/")} == {"state/0", "state/1", "state/2", "state/3"}
-    assert {k for k in offsets if not k.startswith("state/")} == {f"activity/{i}" for i in range(4)}
+    assert {k for k in offsets if k.startswith("#state/")} == {"#state/0", "#state/1", "#state/2", "#state/3"}
+    assert {k for k in offsets if not k.startswith("#state/")} == {f"activity/{i}" for i in range(4)}
 
 
 def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_included(tmp_path: Path) -> None:
@@ -267,3 +267,50 @@ def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_include
     assert run_cli("run", spec, "--once").returncode == 0
     (late,) = [json.loads(line) for line in run_cli("consume", "dlq", "--from-beginning", "--spec", spec).stdout.splitlines()]
     assert "late: window [1969-12-31T23:59:51Z, 1970-01-01T00:00:01Z] had closed 99000 ms before it came" in late["error"]
+
+
+def test_a_topic_a_processor_writes_is_not_taken_as_keyed_and_merged_aggregation_after_a_backlog(tmp_path: Path) -> None:
+    """`pages` declares `key: page`, but a processor writes it (keeping the clicks' keys): one
+    task reads all of it, so each page has one window (per-partition tasks gave partial
+    counts). And an aggregation over two merged topics whose records wait in a backlog
+    (the sources ran first) aggregates them (their columns differ)."""
+    (tmp_path / "clicks.avsc").write_text(json.dumps({"type": "record", "name": "Click", "fields": [
+        {"name": "user", "type": "string"}, {"name": "page", "type": "string"},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}))
+    (tmp_path / "views.avsc").write_text(json.dumps({"type": "record", "name": "View", "fields": [
+        {"name": "page", "type": ["null", "string"], "default": None},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "ms", "type": "long"}]}))
+    clicks = [{"user": f"u{i}", "page": "/a", "at": i * 1000} for i in range(6)]
+    (tmp_path / "clicks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clicks))
+    (tmp_path / "views.jsonl").write_text("".join(json.dumps({"page": "/a", "at": i * 1000 + 500, "ms": i}) + "\n"
+                                                  for i in range(4)))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: keyed
+        topics:
+          clicks: {partitions: 2, schema: clicks.avsc, key: user}
+          views: {partitions: 2, schema: views.avsc, key: page}
+          pages: {partitions: 2, schema: clicks.avsc, key: page}
+          counts: {partitions: 1}
+          merged: {partitions: 1}
+        sources:
+          - {name: click-log, connector: jsonl, topic: clicks, config: {paths: [clicks.jsonl]}}
+          - {name: view-log, connector: jsonl, topic: views, config: {paths: [views.jsonl]}}
+        processors:
+          - {name: copy, from: clicks, to: pages}
+          - {name: per-page, from: pages, to: counts, key: page, time: at, window: {tumbling: 1h},
+             aggregate: {n: count()}}
+          - {name: both, from: [clicks, views], to: merged, key: page, time: at, window: {tumbling: 1h},
+             aggregate: {n: count()}}
+        sinks:
+          - {name: out, connector: jsonl, topics: [counts, merged], config: {path: out}}
+        """))
+    assert run_cli("run", spec, "--once", "--source", "click-log").returncode == 0
+    assert run_cli("run", spec, "--once", "--source", "view-log").returncode == 0
+    ran = run_cli("run", spec, "--once")
+    assert ran.returncode == 0, ran.stderr
+    counts = [json.loads(line) for line in (tmp_path / "out" / "counts-0.jsonl").read_text().splitlines()]
+    assert [(c["page"], c["n"]) for c in counts] == [("/a", 6)]
+    merged = [json.loads(line) for line in (tmp_path / "out" / "merged-0.jsonl").read_text().splitlines()]
+    assert [(c["page"], c["n"]) for c in merged] == [("/a", 10)]

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fastavro.schema import expand_schema
+
 from runner.expressions import names, parse
 from runner.spec.model import ProcessorSpec
 
@@ -38,7 +40,12 @@ class Plan:
 def plan(p: ProcessorSpec, schemas: dict[str, dict | None], given: dict | None = None) -> Plan:
     """`schemas`: every topic the processor reads (inputs and table); `given`: the output
     topic's declared schema, if any."""
+    # Named types inlined where used: a field carried over may name a type that another
+    # field, not carried over, defined. Each is defined once again in the output (_named_once).
+    schemas = {t: expand_schema(schema) if schema is not None else None for t, schema in schemas.items()}
     found = _aggregation(p, schemas) if p.kind == "aggregate" else _passing(p, schemas)
+    if found.schema:
+        found.schema["fields"] = _named_once(found.schema["fields"])
     if p.where is not None:
         for topic in p.inputs:
             own = {f["name"] for f in (schemas.get(topic) or {}).get("fields", [])}
@@ -121,6 +128,35 @@ def _passing(p: ProcessorSpec, schemas: dict[str, dict | None]) -> Plan:
     schema = {"type": "record", "name": _record_name(p.name), "doc": f"{what} (processor {p.name})",
               "fields": out_fields}
     return Plan(schema, False, problems)
+
+
+def _named_once(fields: list[dict]) -> list[dict]:
+    """`fields` with each named type (record, enum, fixed) defined at its first use and
+    referred to by its full name after."""
+    seen: set[str] = set()
+
+    def walk(avro: Any, namespace: str | None) -> Any:
+        if isinstance(avro, list):
+            return [walk(a, namespace) for a in avro]
+        if not isinstance(avro, dict):
+            return avro
+        if avro.get("type") in ("record", "enum", "fixed") and "name" in avro:
+            space = avro.get("namespace", namespace)
+            full = avro["name"] if "." in avro["name"] or not space else f"{space}.{avro['name']}"
+            if full in seen:
+                return full
+            seen.add(full)
+            out = dict(avro)
+            if avro["type"] == "record":
+                out["fields"] = [{**f, "type": walk(f["type"], space)} for f in avro["fields"]]
+            return out
+        out = dict(avro)
+        for key in ("items", "values"):
+            if key in out:
+                out[key] = walk(out[key], namespace)
+        return out
+
+    return [{**f, "type": walk(f["type"], None)} for f in fields]
 
 
 def _field(field: dict, nullable: bool) -> dict:
@@ -244,10 +280,11 @@ def _record_name(name: str) -> str:
 # -- how a processor's work divides --------------------------------------------------------
 
 
-def keyed_by_group(p: ProcessorSpec, topic_keys: dict[str, str | None]) -> bool:
-    """An aggregation by one field whose one input topic a source keys by that field: each
-    key's records are in one partition already, so the partitions can be aggregated apart.
-    (Other aggregations would need their records re-keyed through a repartition topic
-    first; for now one task reads all their partitions.)"""
+def keyed_by_group(p: ProcessorSpec, topic_keys: dict[str, str | None], written: set[str]) -> bool:
+    """An aggregation by one field whose one input topic a source keys by that field (and no
+    processor writes: `written`; processors key records otherwise): each key's records are
+    in one partition already, so the partitions can be aggregated apart. (Other
+    aggregations would need their records re-keyed through a repartition topic first; for
+    now one task reads all their partitions.)"""
     return p.kind == "aggregate" and len(p.keys) == 1 and len(p.inputs) == 1 \
-        and topic_keys.get(p.inputs[0]) == p.keys[0]
+        and topic_keys.get(p.inputs[0]) == p.keys[0] and p.inputs[0] not in written

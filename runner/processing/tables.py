@@ -56,7 +56,10 @@ class LatestByKey:
 
     def lookup(self, keys: pa.Array) -> tuple[pa.Table, pa.Array]:
         """Per key asked, in order: the table's fields (nulls where none) and whether one matched."""
+        # The hash join carries row numbers only (it refuses lists, maps and records as
+        # payload); the fields are taken by row number after (null where none matched).
         probe = pa.table({_KEY: keys.cast(pa.binary()), _ROW: positions(len(keys))})
-        side = self.table.append_column(_PRESENT, pa.repeat(pa.scalar(True), self.table.num_rows))
+        side = pa.table({_KEY: self.table.column(_KEY), _PRESENT: positions(self.table.num_rows)})
         joined = probe.join(side, _KEY, join_type="left outer", use_threads=False).sort_by(_ROW)
-        return joined.select(self.schema.names), pc.fill_null(joined.column(_PRESENT), False).combine_chunks()
+        rows = joined.column(_PRESENT).combine_chunks()
+        return self.table.select(self.schema.names).take(rows), pc.is_valid(rows)

@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 
 from runner.broker.base import Broker, ProduceBatch, TopicPartition
 from runner.broker.partitioner import partition_keys
-from runner.errors import RecordError
+from runner.errors import FatalError, RecordError
 from runner.expressions import Condition
 from runner.processing.tables import LatestByKey, positions
 from runner.processing.windows import Aggregate, Count, Hopping, Session, Sliding, Tumbling, Window, WindowedAggregation
@@ -71,6 +71,7 @@ class Task:
 
     index: int = 0  # the task's number among the processor's tasks
     partitions: list[TopicPartition] | None = None  # the input partitions it reads; None: all
+    count: int = 1  # how many tasks the processor has (its state is refused by another layout)
 
 
 class ProcessorRunner:
@@ -114,7 +115,7 @@ class ProcessorRunner:
             self.table = LatestByKey(pa.schema([self.out_arrow.field(name) for name in joined]), spec.join.retention)
         self.writer = broker.source_writer(self.name, self.task.index, [output.name, *self._dlq()],
                                            replays_exactly=False)
-        self.state_key = f"state/{self.task.index}"
+        self.state_key = f"#state/{self.task.index}"  # (no topic name has a #: no clash with "topic/partition")
         self.positions: dict[TopicPartition, int] = {}
         self.aggregated = 0  # records counted into windows or written on, not yet committed
         self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
@@ -126,6 +127,12 @@ class ProcessorRunner:
 
     async def run(self) -> None:
         stored = await self.writer.open()
+        layouts = {v.get("tasks", 1) for k, v in stored.items() if k.startswith("#state/")}
+        if layouts and layouts != {self.task.count}:
+            raise FatalError(
+                f"{self.name}: its state was written by {'/'.join(map(str, sorted(layouts)))} task(s), and it now "
+                f"runs as {self.task.count} (the spec changed how it divides: its input's key, or its inputs)",
+                hint="put the spec back, or start the processor afresh (a new name, or a new state directory)")
         if self.state_key in stored and self.aggregation is not None:
             snapshot = stored[self.state_key]
             self.aggregation.restore({"stream_time": snapshot["stream_time"],
@@ -195,7 +202,7 @@ class ProcessorRunner:
         if table.num_rows:
             if tp in self.queued:
                 old_table, old_times, old_where = self.queued[tp]
-                table = pa.concat_tables([old_table, table])
+                table = pa.concat_tables([old_table, table], promote_options="permissive")
                 times = pa.concat_arrays([old_times, times])
                 where = old_where + where
             self.queued[tp] = (table, times, where)
@@ -235,7 +242,8 @@ class ProcessorRunner:
                 self.queued[tp] = (table.slice(n), stamps.slice(n), positions[n:])
         if not tables:
             return self._empty(), []
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        # Merged topics: columns of one topic only are null in the others' records.
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         stamps = pa.concat_arrays(times) if len(times) > 1 else times[0]
         if len(tables) > 1:  # stable: each partition's own order kept among equal times
             order = pc.sort_indices(stamps)
@@ -322,7 +330,9 @@ class ProcessorRunner:
     async def _pass_loop(self, consumer: Any) -> None:
         if self.table is not None:
             if self.upstream_done is not None:
-                await self.upstream_done.wait()  # a bounded run: the whole table before any record
+                await _either(self.upstream_done, self.stop)  # a bounded run: the whole table before any record
+                if self.stop.is_set():
+                    return
             await self._load_table(to_end=True)
         ends: dict[TopicPartition, int] | None = None
         while not self.stop.is_set():
@@ -375,7 +385,7 @@ class ProcessorRunner:
             for tp in await self._table_consumer.assignment():
                 await self._table_consumer.seek(tp, 0)
                 self._table_read[tp] = 0
-        while True:
+        while not self.stop.is_set():
             ends = {TopicPartition(self.table_topic.name, p): end
                     for p, end in enumerate(await self.broker.end_offsets(self.table_topic.name))}
             if all(self._table_read.get(tp, 0) >= end for tp, end in ends.items()):
@@ -383,7 +393,9 @@ class ProcessorRunner:
             fetched = await self._table_consumer.fetch(FETCH_RECORDS, 0.2 if to_end else 0)
             errors = []
             for fb in fetched:
-                errors += self._table_batch(fb)
+                failed = self._table_batch(fb)
+                self.counters.records_in += len(failed)  # (good table records are state, not read records)
+                errors += failed
                 self._table_read[TopicPartition(fb.topic, fb.partition)] = fb.next_offset
             if errors:
                 await self._commit_records([], errors, windows=0)
@@ -439,7 +451,7 @@ class ProcessorRunner:
         offsets: dict[str, Any] = {f"{tp.topic}/{tp.partition}": pos for tp, pos in self._positions().items()}
         if self.aggregation is not None:
             snapshot = self.aggregation.snapshot()
-            offsets[self.state_key] = {"stream_time": snapshot["stream_time"],
+            offsets[self.state_key] = {"tasks": self.task.count, "stream_time": snapshot["stream_time"],
                                 "tables": {k: base64.b64encode(v).decode() for k, v in snapshot["tables"].items()}}
         await retrying(lambda: self.writer.produce(produce, offsets), self.counters, f"{self.name}: produce")
         # An aggregation's records are delivered into windows; the windows it emits are counted apart.
@@ -479,6 +491,16 @@ class ProcessorRunner:
                 out.append(ProduceBatch(self.output.name, p, [keys[i] for i in chosen], values.take(picked),
                                         [stamps[i] for i in chosen] if stamps is not None else [now] * len(chosen)))
         return out
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Wait until `a` or `b` is set."""
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def _window(spec: dict[str, int]) -> Window:
