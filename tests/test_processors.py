@@ -251,6 +251,10 @@ def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_
     offsets = asyncio.run(stored())
     assert {k for k in offsets if k.startswith("#state/")} == {"#state/0", "#state/1", "#state/2", "#state/3"}
     assert {k for k in offsets if not k.startswith("#state/")} == {f"activity/{i}" for i in range(4)}
+    # The topic no longer keyed by remote_host: one task would read what four wrote. Refused.
+    spec.write_text(spec.read_text().replace(", key: remote_host}", "}"))
+    again = run_cli("run", spec, "--once", env=env, timeout=300)
+    assert again.returncode != 0 and "its state was written by 4 task(s), and it now runs as 1" in again.stderr
 
 
 def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_included(tmp_path: Path) -> None:
