@@ -8,7 +8,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.connector import FatalError
+from runner.connector import FatalError, arrow_schema
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 
@@ -80,6 +80,41 @@ def check_layout(layout: str) -> str | None:
         if any(s.startswith((".", "_")) for s in d.split("/")):
             return f"directory names must not start with '.' or '_' (readers skip them): {d!r}"
     return None
+
+
+def partition_field_error(partition_by: str, topic: str, schema: pa.Schema | dict) -> FatalError | None:
+    """Why records of `topic` with `schema` (Arrow, or the topic's Avro record schema)
+    cannot be partitioned by their field `partition_by`, or None if they can. One check
+    for `pipeline validate` (the sink's build, from the spec's schemas) and for the run
+    (the task's open, and each batch's schema, which a registry may have changed)."""
+    if isinstance(schema, dict):
+        names = [f.get("name") for f in schema.get("fields", [])]
+        if partition_by not in names:
+            return _no_field(partition_by, topic, names)
+        try:
+            schema = arrow_schema(schema)
+        except FatalError:  # a schema Arrow cannot hold: the run says so itself
+            return None
+    idx = schema.get_field_index(partition_by)
+    if idx < 0:
+        return _no_field(partition_by, topic, schema.names)
+    t = schema.field(idx).type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t):
+        return None
+    return FatalError(
+        f"parquet sink: field {partition_by!r} of topic {topic!r} is {t}; "
+        "partition_by needs a timestamp, a date or epoch milliseconds",
+        hint="give the field an Avro logicalType (timestamp-millis, date), or set "
+        "partition_by to another field or null",
+    )
+
+
+def _no_field(partition_by: str, topic: str, names: list[str]) -> FatalError:
+    return FatalError(
+        f"parquet sink: topic {topic!r} has no field {partition_by!r} to partition by",
+        hint=f"set partition_by to one of {', '.join(map(str, names))}, or to null for no "
+        "time partitioning",
+    )
 
 
 def epoch(column: pa.Array | pa.ChunkedArray, field: str) -> pa.Array:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from connectors.parquet import files
-from connectors.parquet.layout import Splitter
+from connectors.parquet.layout import Splitter, partition_field_error
 from runner.batch import Batch
 from runner.connector import FatalError, SinkTask, TopicPartition
 
@@ -145,9 +145,9 @@ class ParquetSinkTask(SinkTask):
         for topic in {tp.topic for tp in partitions}:
             schema = self.schemas.get(topic)
             if self.partition_by and isinstance(schema, dict) and "fields" in schema:
-                names = [f.get("name") for f in schema["fields"]]
-                if self.partition_by not in names:
-                    raise self._no_time_field(topic, names)
+                error = partition_field_error(self.partition_by, topic, schema)
+                if error is not None:
+                    raise error
         return await self._io(self._open, list(partitions))
 
     async def put(self, batch: Batch) -> None:
@@ -446,22 +446,7 @@ class ParquetSinkTask(SinkTask):
     def _check_schema(self, topic: str, schema: pa.Schema) -> None:
         if not self.partition_by or self.checked_schemas.get(topic) is schema:
             return
-        idx = schema.get_field_index(self.partition_by)
-        if idx < 0:
-            raise self._no_time_field(topic, schema.names)
-        t = schema.field(idx).type
-        if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)):
-            raise FatalError(
-                f"parquet sink: field {self.partition_by!r} of topic {topic!r} is {t}; "
-                "partition_by needs a timestamp, a date or epoch milliseconds",
-                hint="give the field an Avro logicalType (timestamp-millis, date), or set "
-                "partition_by to another field or null",
-            )
+        error = partition_field_error(self.partition_by, topic, schema)
+        if error is not None:
+            raise error
         self.checked_schemas[topic] = schema
-
-    def _no_time_field(self, topic: str, names: list[str]) -> FatalError:
-        return FatalError(
-            f"parquet sink: topic {topic!r} has no field {self.partition_by!r} to partition by",
-            hint=f"set partition_by to one of {', '.join(map(str, names))}, or to null for no "
-            "time partitioning",
-        )
