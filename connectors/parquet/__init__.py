@@ -18,7 +18,10 @@ DuckDB and Spark read back as NULL. (DuckDB infers a Hive column's type from the
 directory names: `hour=09` makes it VARCHAR, as DuckDB keeps leading zeros; pass
 `hive_types={'hour': int}` to `read_parquet` to read it as an integer.) With `partition_by: null` files go straight under
 `<path>/<topic>/`. The time field may be an Arrow timestamp (any unit; naive ones are taken
-as UTC), a date, or an integer (epoch milliseconds).
+as UTC), a date, or an integer (epoch milliseconds). A topic whose schema lacks the field,
+or has it as another type, is refused when the sink is built, so `pipeline validate` says
+so at `partition_by` (or at the sink, when the default `timestamp` is meant); the task
+checks each batch's schema again, as a registry's schema may change.
 
 Exactly once: groups, naming, recovery
 --------------------------------------
@@ -164,9 +167,17 @@ from connectors.parquet.layout import (
     layout_granularity,
     null_directory,
     parse_interval,
+    partition_field_error,
 )
 from connectors.parquet.task import ParquetSinkTask
-from runner.connector import Config, Sink, SinkTask, setting
+from runner.connector import (
+    Config,
+    ConfigError,
+    ConnectorContext,
+    Sink,
+    SinkTask,
+    setting,
+)
 
 __all__ = [
     "NULL_PARTITION",
@@ -259,6 +270,19 @@ class ParquetSink(Sink):
                 if problem:
                     problems.append(("layout", problem))
             return problems
+
+    def __init__(self, config: ParquetSink.Config, context: ConnectorContext) -> None:
+        super().__init__(config, context)
+        # What only the topics' schemas tell, refused while the sink is built, so that
+        # `pipeline validate` reports it (at partition_by) rather than the run's start.
+        problems = []
+        for topic, schema in context.schemas.items():
+            if config.partition_by and isinstance(schema, dict) and "fields" in schema:
+                error = partition_field_error(config.partition_by, topic, schema)
+                if error is not None:
+                    problems.append(("partition_by", f"{error} ({error.hint})"))
+        if problems:
+            raise ConfigError(problems)
 
     def target(self) -> str:
         topics = self.context.topics
