@@ -73,6 +73,9 @@ Errors
   call with backoff (the same batch for `put`; `poll` is called again).
 - Raise `FatalError` (or `ConfigError`) for what will not get better by retrying; the run
   stops with your message.
+- A setting that does not fit the topics' schemas (`context.schemas`, known when the
+  connector is built): raise `ConfigError([(key, message)])` from `__init__`; `pipeline
+  validate` reports it at that key's line in the spec, before anything runs.
 """
 
 from __future__ import annotations
