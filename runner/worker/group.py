@@ -115,6 +115,8 @@ class WorkerGroup:
             stop.set()
         for i, (_, task) in stopping:
             await asyncio.wait([task])
-            if task.cancelled() or task.exception() is None:
+            # Another _stop (a revocation during the run's own shutdown) may have stopped it
+            # meanwhile: the one that finds it still in place removes it and logs.
+            if (task.cancelled() or task.exception() is None) and self.running.get(i, (None, None))[1] is task:
                 del self.running[i]
                 log.info("%s: task %d stopped here", self.slots[i].source, self.slots[i].index)
