@@ -60,7 +60,7 @@ from runner.schema.codec import BatchDecoder
 from runner.spec.model import ProcessorSpec
 from runner.worker.common import Counters, DeadLetters, Topic, retrying
 
-FETCH_RECORDS = 10_000
+FETCH_RECORDS = 50_000  # per fetch: the aggregation runs at 3M records/s on 10k batches, 7.5M on 50k
 QUEUE_LIMIT = 200_000  # records held back for slower partitions, at most
 
 
@@ -119,8 +119,8 @@ class ProcessorRunner:
         self.positions: dict[TopicPartition, int] = {}
         self.aggregated = 0  # records counted into windows or written on, not yet committed
         self.fetched_to: dict[TopicPartition, int] = {}  # offset after the last record fetched
-        # Fetched records not aggregated yet (see _release): (columns, event times, where from).
-        self.queued: dict[TopicPartition, tuple[pa.Table, pa.Array, list[tuple[str, int, int]]]] = {}
+        # Fetched records not aggregated yet (see _release): (columns, event times, offsets).
+        self.queued: dict[TopicPartition, tuple[pa.Table, pa.Array, pa.Array]] = {}
 
     def _dlq(self) -> list[str]:
         return [self.dead_letters.topic.name] if self.dead_letters.topic is not None else []
@@ -196,16 +196,16 @@ class ProcessorRunner:
 
     def _queue(self, fb: Any) -> list[RecordError]:
         """A partition's fetched batch decoded and queued; errors for records without a window."""
-        table, times, where, errors = self._decoded(fb)
+        table, times, offsets, errors = self._decoded(fb)
         tp = TopicPartition(fb.topic, fb.partition)
         self.fetched_to[tp] = fb.next_offset
         if table.num_rows:
             if tp in self.queued:
-                old_table, old_times, old_where = self.queued[tp]
+                old_table, old_times, old_offsets = self.queued[tp]
                 table = pa.concat_tables([old_table, table], promote_options="permissive")
                 times = pa.concat_arrays([old_times, times])
-                where = old_where + where
-            self.queued[tp] = (table, times, where)
+                offsets = pa.concat_arrays([old_offsets, offsets])
+            self.queued[tp] = (table, times, offsets)
         return errors
 
     def _release(self, ends: dict[TopicPartition, int] | None) -> tuple[pa.Table, list[RecordError]]:
@@ -222,11 +222,11 @@ class ProcessorRunner:
             if behind:
                 return self._empty(), []
             limit = min(pc.max(times).as_py() for _, times, _ in self.queued.values())
-        tables, times, where = [], [], []
+        tables, times, offsets, parts = [], [], [], []
         # Partitions in a fixed order, so that records of equal event time fall the same way
         # however the fetches came (a replay after a crash gives the same windows).
         for tp in sorted(self.queued, key=lambda tp: (tp.topic, tp.partition)):
-            table, stamps, positions = self.queued[tp]
+            table, stamps, offs = self.queued[tp]
             n = len(stamps)
             if limit is not None:  # the prefix up to the first record past the limit
                 past = pc.indices_nonzero(pc.greater(stamps, limit))
@@ -235,27 +235,38 @@ class ProcessorRunner:
                 continue
             tables.append(table.slice(0, n))
             times.append(stamps.slice(0, n))
-            where += positions[:n]
+            offsets.append(offs.slice(0, n))
+            parts.append((tp, n))
             if n == len(stamps):
                 del self.queued[tp]
             else:
-                self.queued[tp] = (table.slice(n), stamps.slice(n), positions[n:])
+                self.queued[tp] = (table.slice(n), stamps.slice(n), offs.slice(n))
         if not tables:
             return self._empty(), []
         # Merged topics: columns of one topic only are null in the others' records.
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         stamps = pa.concat_arrays(times) if len(times) > 1 else times[0]
+        needed = table.select(self.needed)  # (reordered below: the aggregated columns only)
+        order = None
         if len(tables) > 1:  # stable: each partition's own order kept among equal times
             order = pc.sort_indices(stamps)
-            table, stamps, where = table.take(order), stamps.take(order), [where[i] for i in order.to_pylist()]
-        result = self.aggregation.process(table.select(self.needed), stamps)
+            needed, stamps = needed.take(order), stamps.take(order)
+        result = self.aggregation.process(needed, stamps)
         self.aggregated += table.num_rows - len(result.late)
-        errors = [
-            self._error(f"late: window [{_iso(late.window_start)}, {_iso(late.window_end)}{self.end_bracket} had closed "
-                        f"{late.late_by} ms before it came (grace {self.spec.grace} ms)",
-                        "process", table.slice(late.index, 1).to_pylist()[0], where[late.index], field=self.spec.time)
-            for late in result.late
-        ]
+        if not result.late:
+            return result.emitted, []
+        offs = pa.concat_arrays(offsets) if len(offsets) > 1 else offsets[0]
+        starts = [0]
+        for _, n in parts:
+            starts.append(starts[-1] + n)
+        errors = []
+        for late in result.late:
+            i = order[late.index].as_py() if order is not None else late.index  # its row in `table`
+            tp = parts[next(k for k in range(len(parts)) if starts[k] <= i < starts[k + 1])][0]
+            errors.append(self._error(
+                f"late: window [{_iso(late.window_start)}, {_iso(late.window_end)}{self.end_bracket} had closed "
+                f"{late.late_by} ms before it came (grace {self.spec.grace} ms)", "process",
+                table.slice(i, 1).to_pylist()[0], (tp.topic, tp.partition, offs[i].as_py()), field=self.spec.time))
         return result.emitted, errors
 
     def _empty(self) -> pa.Table:
@@ -266,22 +277,21 @@ class ProcessorRunner:
         """Where each input partition resumes: its first queued record, else past what was fetched."""
         out = dict(self.positions)
         out.update(self.fetched_to)
-        for tp, (_, _, where) in self.queued.items():
-            out[tp] = where[0][2]
+        for tp, (_, _, offsets) in self.queued.items():
+            out[tp] = offsets[0].as_py()
         return out
 
-    def _decoded(self, fb: Any) -> tuple[pa.Table, pa.Array, list[tuple[str, int, int]], list[RecordError]]:
+    def _decoded(self, fb: Any) -> tuple[pa.Table, pa.Array, pa.Array, list[RecordError]]:
         """One partition's batch decoded and filtered: for an aggregation, the records that
-        have a window, their event times and where each came from; errors for the others."""
+        have a window, their event times and their offsets; errors for the others."""
         table, kept, errors = self._decode(fb)
-        stamps = pa.array(fb.timestamps, pa.int64()).take(kept)
         if self.spec.time is not None:
             times = table.column(self.spec.time).combine_chunks()
             times = pc.cast(pc.cast(times, pa.timestamp("ms", tz="UTC")), pa.int64()) if self.time_is_timestamp \
                 else pc.cast(times, pa.int64())
         else:
-            times = stamps
-        where = [(fb.topic, fb.partition, fb.offsets[i]) for i in kept.to_pylist()]
+            times = pa.array(fb.timestamps, pa.int64()).take(kept)
+        offsets = pa.array(fb.offsets, pa.int64()).take(kept)
         # A record with no time or a null group-by field has no window: a data error.
         usable = pc.is_valid(times)
         for name in self.spec.keys:
@@ -293,10 +303,9 @@ class ProcessorRunner:
                 missing = (fields or [k for k in self.spec.keys if row.get(k) is None])[0]
                 what = "event time" if missing == self.spec.time else "group-by field"
                 errors.append(self._error(f"the {what} {missing!r} is null: the record has no window", "process",
-                                          row, where[i], field=missing))
-            table, times = table.filter(usable), times.filter(usable)
-            where = [w for w, ok in zip(where, usable.to_pylist()) if ok]
-        return table, times, where, errors
+                                          row, (fb.topic, fb.partition, offsets[i].as_py()), field=missing))
+            table, times, offsets = table.filter(usable), times.filter(usable), offsets.filter(usable)
+        return table, times, offsets, errors
 
     def _decode(self, fb: Any) -> tuple[pa.Table, pa.Array, list[RecordError]]:
         """One partition's batch decoded, and the records that meet `where:`: their columns,
