@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import pipeline_exe, run_cli
 
 MINUTE = 60_000
@@ -126,6 +128,7 @@ def test_after_a_once_run_each_input_partition_is_at_its_end_and_every_window_em
         ["per-minute", str(t["task"]), _iso(t["stream_time"]), f"{t['state_bytes']:,}", "0"] for t in tasks]
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_a_processor_that_has_not_run_shows_dashes(tmp_path: Path) -> None:
     spec = _spec(tmp_path, RECORDS, partitions=2)
     ran = run_cli("run", spec, "--source", "in")  # the source alone: no processor runs
@@ -139,6 +142,7 @@ def test_a_processor_that_has_not_run_shows_dashes(tmp_path: Path) -> None:
     assert "stream time" not in shown.stdout  # no state stored
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_while_a_run_goes_on_its_open_windows_are_counted(tmp_path: Path) -> None:
     spec = _spec(tmp_path, RECORDS, partitions=1)
     run = subprocess.Popen([pipeline_exe(), "run", str(spec), "--no-progress"], stdout=subprocess.DEVNULL,

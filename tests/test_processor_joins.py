@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import re
 import signal
 import subprocess
 import textwrap
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from runner.broker.base import ProduceBatch
 from runner.broker.embedded import EmbeddedBroker
@@ -96,6 +97,7 @@ def _out(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "got" / "out-0.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_a_table_keeps_the_latest_value_per_key_and_a_tombstone_deletes_it(tmp_path: Path) -> None:
     spec = _spec(tmp_path, """\
         - name: enrich
@@ -164,22 +166,26 @@ def test_merged_topics_pass_on_the_fields_they_share_and_validate_names_join_mis
     assert ran.returncode == 0, ran.stderr
     assert sorted(o["page"] for o in _out(tmp_path)) == ["/a", "/u"]
     assert all(set(o) == {"page"} for o in _out(tmp_path))  # the one field both have
-    shutil.rmtree(tmp_path / "got")
-    for processor, message in [
-        ("join: {table: nope, on: user}", "topic 'nope' is not declared under topics"),
-        ("join: {table: users, on: usr}", "no field 'usr' in clicks (the join key)"),
-        ("join: {table: users, on: user, fields: [plann]}", "no field 'plann' in table 'users'"),
-        ("join: {table: users, on: user, how: outer}", "expected 'left' or 'inner'"),
-        ("join: {table: users, on: user}\n  window: {tumbling: 1m}", "'window' does not go with join"),
-        ("where: \"page ==\"", "syntax error"),
-        ("where: \"pages == 1\"", "no field 'pages' in 'clicks'"),
+    # Shape mistakes are found first; the ones that need the schemas once the shapes are sound.
+    for mistakes in [
+        [("join: {table: nope, on: user}", "topic 'nope' is not declared under topics"),
+         ("join: {table: users, on: user, how: outer}", "expected 'left' or 'inner'"),
+         ("join: {table: users, on: user}\n  window: {tumbling: 1m}", "'window' does not go with join"),
+         ("where: \"page ==\"", "syntax error")],
+        [("join: {table: users, on: usr}", "no field 'usr' in clicks (the join key)"),
+         ("join: {table: users, on: user, fields: [plann]}", "no field 'plann' in table 'users'"),
+         ("where: \"pages == 1\"", "no field 'pages' in 'clicks'")],
     ]:
-        spec = _spec(tmp_path, f"- name: p\n  from: clicks\n  to: out\n  {processor}\n")
+        spec = _spec(tmp_path, "".join(f"- name: p{i}\n  from: clicks\n  to: out\n  {processor}\n"
+                                       for i, (processor, _) in enumerate(mistakes)))
         checked = run_cli("validate", spec)
-        assert checked.returncode == 2 and message in checked.stderr, (processor, checked.stderr)
-        assert "spec.yaml:1" in checked.stderr  # located by line
+        assert checked.returncode == 2
+        for i, (processor, message) in enumerate(mistakes):  # each at its line, under its processor
+            assert re.search(rf"spec\.yaml:\d+: processors\[{i}\]\S*: .*{re.escape(message)}", checked.stderr), \
+                (processor, checked.stderr)
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_an_output_topic_may_declare_its_schema_when_the_records_fit_it(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "- name: p\n  from: clicks\n  to: out\n")
     (tmp_path / "out.avsc").write_text(json.dumps({"type": "record", "name": "Out", "fields": [
@@ -198,6 +204,7 @@ def test_an_output_topic_may_declare_its_schema_when_the_records_fit_it(tmp_path
     assert checked.returncode == 2 and "field 'user' may be null" in checked.stderr
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_a_table_with_retention_drops_keys_not_updated_within_it(tmp_path: Path) -> None:
     spec = _spec(tmp_path, """\
         - name: enrich
@@ -229,6 +236,7 @@ def test_a_table_with_retention_drops_keys_not_updated_within_it(tmp_path: Path)
     assert checked.returncode == 2 and "expected a duration" in checked.stderr
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_interrupting_a_once_run_does_not_hang_a_join_waiting_for_its_table(tmp_path: Path) -> None:
     """A join in a --once run waits for what feeds it before it joins; Ctrl-C stops that
     wait too (it waited forever for an upstream processor that had been stopped)."""

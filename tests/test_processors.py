@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from runner.broker.embedded import EmbeddedBroker
 from tests.conftest import pipeline_exe, run_cli
@@ -141,6 +142,7 @@ def test_a_processor_that_feeds_itself_is_refused(tmp_path: Path) -> None:
     assert checked.returncode == 2 and "reads what it writes" in checked.stderr
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_idle_close_emits_the_last_window_while_the_run_goes_on(tmp_path: Path) -> None:
     """With no new input for idle_close, wall-clock time closes the open window: it is
     emitted while `pipeline run` keeps running (not at its end), no sooner than idle_close
@@ -177,6 +179,7 @@ def test_idle_close_emits_the_last_window_while_the_run_goes_on(tmp_path: Path) 
         assert run.wait(30) == 0, run.stderr.read()
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_session_sliding_and_count_windows_through_the_cli(tmp_path: Path) -> None:
     s = 1000
     records = sorted([{"page": "a", "at": t * s, "size": t} for t in (0, 10, 20, 100, 105)] +
@@ -219,6 +222,7 @@ def _ms(text: str) -> int:
     return round(dt.datetime.fromisoformat(text).timestamp() * 1000)
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_group_by(tmp_path: Path) -> None:
     """activity is keyed by remote_host: grouped by it, each of its 4 partitions is
     aggregated by a task of its own (the summary's `views` line adds them up)."""
@@ -257,6 +261,7 @@ def test_an_aggregation_by_the_input_key_runs_a_task_per_partition_and_equals_a_
     assert again.returncode != 0 and "its state was written by 4 task(s), and it now runs as 1" in again.stderr
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_included(tmp_path: Path) -> None:
     records = [{"page": "a", "at": 100_000, "size": 1}, {"page": "a", "at": 1_000, "size": 2}]
     spec = _spec(tmp_path, records, """\
@@ -273,6 +278,7 @@ def test_a_late_record_of_a_sliding_window_names_the_window_with_its_end_include
     assert "late: window [1969-12-31T23:59:51Z, 1970-01-01T00:00:01Z] had closed 99000 ms before it came" in late["error"]
 
 
+@pytest.mark.slow  # (an end-to-end run the dev loop can spare; CI runs it)
 def test_a_topic_a_processor_writes_is_not_taken_as_keyed_and_merged_aggregation_after_a_backlog(tmp_path: Path) -> None:
     """`pages` declares `key: page`, but a processor writes it (keeping the clicks' keys): one
     task reads all of it, so each page has one window (per-partition tasks gave partial
