@@ -107,6 +107,8 @@ class ProcessorRunner:
         self.defaults = {f["name"]: f.get("default") for f in output.schema["fields"]}
         self.table_topic = table
         self.table: LatestByKey | None = None
+        self.table_consumer: Any = None
+        self.table_read: dict[TopicPartition, int] = {}  # offset after the last table record read
         if table is not None:
             wanted = spec.join.fields or [f["name"] for f in table.schema["fields"]]
             joined = [name for name in wanted if name in self.out_arrow.names]
@@ -150,8 +152,8 @@ class ProcessorRunner:
                 await self._pass_loop(consumer)
         finally:
             await consumer.close()
-            if hasattr(self, "_table_consumer"):
-                await self._table_consumer.close()
+            if self.table_consumer is not None:
+                await self.table_consumer.close()
         if self.done is not None and not self.stop.is_set():
             self.done.set()
 
@@ -388,24 +390,23 @@ class ProcessorRunner:
     async def _load_table(self, *, to_end: bool) -> None:
         """The table topic's new records into the table: everything up to its end
         (`to_end`), or what one fetch gives."""
-        if not hasattr(self, "_table_consumer"):
-            self._table_consumer = await self.broker.consumer(None, [self.table_topic.name])
-            self._table_read: dict[TopicPartition, int] = {}
-            for tp in await self._table_consumer.assignment():
-                await self._table_consumer.seek(tp, 0)
-                self._table_read[tp] = 0
+        if self.table_consumer is None:  # the table is read from its beginning, every partition
+            self.table_consumer = await self.broker.consumer(None, [self.table_topic.name])
+            for tp in await self.table_consumer.assignment():
+                await self.table_consumer.seek(tp, 0)
+                self.table_read[tp] = 0
         while not self.stop.is_set():
             ends = {TopicPartition(self.table_topic.name, p): end
                     for p, end in enumerate(await self.broker.end_offsets(self.table_topic.name))}
-            if all(self._table_read.get(tp, 0) >= end for tp, end in ends.items()):
+            if all(self.table_read.get(tp, 0) >= end for tp, end in ends.items()):
                 return
-            fetched = await self._table_consumer.fetch(FETCH_RECORDS, 0.2 if to_end else 0)
+            fetched = await self.table_consumer.fetch(FETCH_RECORDS, 0.2 if to_end else 0)
             errors = []
             for fb in fetched:
                 failed = self._table_batch(fb)
                 self.counters.records_in += len(failed)  # (good table records are state, not read records)
                 errors += failed
-                self._table_read[TopicPartition(fb.topic, fb.partition)] = fb.next_offset
+                self.table_read[TopicPartition(fb.topic, fb.partition)] = fb.next_offset
             if errors:
                 await self._commit_records([], errors, windows=0)
             if not to_end:
