@@ -31,10 +31,6 @@ class CountAggregation(WindowedAggregation):
         super().__init__(window, keys, aggregates, grace=grace, emit=emit)
         self._partials = Partials(self.aggregates, [*self.keys, "#window"], span=True)
 
-    @property
-    def open_windows(self) -> int:
-        return self._partials.rows
-
     def process(self, columns: pa.Table, times: pa.Array) -> Result:
         times = self._times(times)
         n = len(times)
@@ -91,12 +87,6 @@ class CountAggregation(WindowedAggregation):
         if out.num_rows > 1:
             out = out.append_column("#key", key_ids([out], self.keys)[0]).sort_by("#key")
         return self._records(out)
-
-    def _tables(self) -> dict[str, pa.Table]:
-        return self._partials.tables()
-
-    def _load(self, tables: dict[str, pa.Table]) -> None:
-        self._partials.load(tables)
 
     def _records(self, rows: pa.Table | None) -> pa.Table:
         if rows is None:

@@ -45,10 +45,6 @@ class SessionAggregation(WindowedAggregation):
         super().__init__(window, keys, aggregates, grace=grace, emit=emit)
         self._partials = Partials(self.aggregates, [*self.keys, "#session"], span=True)
 
-    @property
-    def open_windows(self) -> int:
-        return self._partials.rows
-
     def process(self, columns: pa.Table, times: pa.Array) -> Result:
         times = self._times(times)
         n = len(times)
@@ -95,12 +91,6 @@ class SessionAggregation(WindowedAggregation):
         last = pc.max(state.column("#tmax")).as_py()
         self.stream_time = max(self.stream_time, last + self.window.gap + self.grace)
         return self._emit(None)
-
-    def _tables(self) -> dict[str, pa.Table]:
-        return self._partials.tables()
-
-    def _load(self, tables: dict[str, pa.Table]) -> None:
-        self._partials.load(tables)
 
     # -- inside ---------------------------------------------------------------------------
 

@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -207,9 +208,13 @@ _KINDS = {Tumbling: (__name__, "TimeWindowAggregation"), Hopping: (__name__, "Ti
           Count: ("runner.processing.counts", "CountAggregation")}
 
 
-class WindowedAggregation:
+class WindowedAggregation(ABC):
     """See the module docstring. `WindowedAggregation(window, ...)` makes the aggregation of
-    the window's kind, a subclass."""
+    the window's kind, a subclass. A kind implements `process`, `advance` and `close_all`;
+    its state is a `Partials` (`self._partials`) unless it overrides `open_windows`,
+    `_tables` and `_load` (sliding windows keep records instead)."""
+
+    _partials: Partials
 
     def __new__(cls, window: Window, *args: Any, **kwargs: Any) -> Self:
         kind = cls
@@ -234,22 +239,22 @@ class WindowedAggregation:
     @property
     def open_windows(self) -> int:
         """Windows (and keys) held in the state, open."""
-        raise NotImplementedError
+        return self._partials.rows
 
+    @abstractmethod
     def process(self, columns: pa.Table, times: pa.Array) -> Result:
         """Aggregate a batch (`columns`, with each record's event time in `times`, epoch ms,
         in arrival order); what it emits. Rows with a null time or key are the caller's to
         refuse before: they have no window."""
-        raise NotImplementedError
 
+    @abstractmethod
     def advance(self, stream_time: int) -> pa.Table:
         """Move the stream time to `stream_time` without records (idle close: wall-clock
         time passing); the windows that closes, for `emit: final`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close_all(self) -> pa.Table:
         """Close every open window (the input ended, or stayed idle: `idle_close`)."""
-        raise NotImplementedError
 
     # -- state as bytes ---------------------------------------------------------------------
 
@@ -262,10 +267,10 @@ class WindowedAggregation:
         self._load({name: _from_ipc(data) for name, data in snapshot["tables"].items()})
 
     def _tables(self) -> dict[str, pa.Table]:
-        raise NotImplementedError
+        return self._partials.tables()
 
     def _load(self, tables: dict[str, pa.Table]) -> None:
-        raise NotImplementedError
+        self._partials.load(tables)
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -308,10 +313,6 @@ class TimeWindowAggregation(WindowedAggregation):
                  *, grace: int = 0, emit: str = "final") -> None:
         super().__init__(window, keys, aggregates, grace=grace, emit=emit)
         self._partials = Partials(self.aggregates, ["#start", *self.keys])
-
-    @property
-    def open_windows(self) -> int:
-        return self._partials.rows
 
     def process(self, columns: pa.Table, times: pa.Array) -> Result:
         times = self._times(times)
@@ -367,12 +368,6 @@ class TimeWindowAggregation(WindowedAggregation):
             return self._emit(None)
         self._partials.clear()  # updates were emitted as they came
         return self._records(self._partials.state)
-
-    def _tables(self) -> dict[str, pa.Table]:
-        return self._partials.tables()
-
-    def _load(self, tables: dict[str, pa.Table]) -> None:
-        self._partials.load(tables)
 
     def _emit(self, changed: pa.Array | None) -> pa.Table:
         """`final`: the windows the stream time has closed, dropped from the state.

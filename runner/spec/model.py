@@ -53,15 +53,16 @@ class ProcessorSpec:
     name: str
     inputs: list[str]
     output: str
-    keys: list[str]  # group-by fields (the output key)
-    time: str | None  # event-time field; None: the records' topic timestamps
-    window: dict[str, int] | None  # {"tumbling": ms} or {"hopping": ms, "advance": ms}, ...; None: no aggregation
-    grace: int  # ms
-    emit: str  # "final" | "updates"
-    idle_close: int | None  # ms
-    aggregates: list[tuple[str, str, str | None]]  # (output field, function, input field)
     key_path: str = ""  # e.g. "processors[0]"
     where: str | None = None  # a condition records must meet (the filter transform's language)
+    # An aggregation's (`window` None: none).
+    keys: list[str] = field(default_factory=list)  # group-by fields (the output key)
+    time: str | None = None  # event-time field; None: the records' topic timestamps
+    window: dict[str, int] | None = None  # {"tumbling": ms} or {"hopping": ms, "advance": ms}, ...
+    grace: int = 0  # ms
+    emit: str = "final"  # "final" | "updates"
+    idle_close: int | None = None  # ms
+    aggregates: list[tuple[str, str, str | None]] = field(default_factory=list)  # (output field, function, input field)
     join: JoinSpec | None = None
 
     @property

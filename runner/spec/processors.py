@@ -97,8 +97,7 @@ def _processor(c: Checker, value: Any, path: str, topics: dict[str, TopicSpec | 
                 c.problem(join(path, key), f"{key!r} belongs to a windowed aggregation: add window: and aggregate:")
         if c.attempts != before or name is None:
             return None
-        return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=[], time=None, window=None,
-                             grace=0, emit="final", idle_close=None, aggregates=[], key_path=path, where=where)
+        return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), key_path=path, where=where)
     keys = entry.get("key", [])
     keys = [keys] if isinstance(keys, str) else keys
     if not isinstance(keys, list) or not all(isinstance(k, str) and _FIELD.fullmatch(k) for k in keys):
@@ -156,8 +155,7 @@ def _joining(c: Checker, entry: dict, path: str, topics: dict[str, TopicSpec | N
     retention = _duration(c, spec["retention"], join(at, "retention")) if "retention" in spec else None
     if c.attempts != before or name is None:
         return None
-    return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), keys=[], time=None, window=None,
-                         grace=0, emit="final", idle_close=None, aggregates=[], key_path=path, where=where,
+    return ProcessorSpec(name=name, inputs=list(inputs), output=str(output), key_path=path, where=where,
                          join=JoinSpec(table=str(table), on=str(on), fields=list(fields) if fields else None,
                                        how=str(how), retention=retention))
 
