@@ -142,6 +142,11 @@ def partition_keys(keys: Sequence[bytes | None], partitions: int) -> list[int]:
     return _default.partition(keys, partitions)
 
 
+def partition_key_column(keys: pa.Array, partitions: int) -> pa.Int64Array:
+    """`Partitioner.partition_column` on the shared module-level partitioner."""
+    return _default.partition_column(keys, partitions)
+
+
 # -- vectorised, for a column of keys ------------------------------------------------------
 # With pyarrow.compute rather than numpy: numpy installed makes every `import pyarrow` (every
 # command) about 80 ms slower. Arrow's unchecked integer arithmetic wraps as Java's does.

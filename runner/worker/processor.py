@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.broker.base import Broker, ProduceBatch, TopicPartition
-from runner.broker.partitioner import partition_keys
+from runner.broker.partitioner import partition_key_column
 from runner.errors import FatalError, RecordError
 from runner.expressions import Condition
 from runner.processing.tables import LatestByKey, positions
@@ -383,8 +383,8 @@ class ProcessorRunner:
             for name in joined.column_names:
                 out = out.append_column(name, joined.column(name))
         self.aggregated += out.num_rows
-        keys = [fb.keys[i] for i in kept.to_pylist()]
-        stamps = [fb.timestamps[i] for i in kept.to_pylist()]
+        keys = pa.array(fb.keys, pa.binary()).take(kept)
+        stamps = pa.array(fb.timestamps, pa.int64()).take(kept)
         return self._encoded(out, keys, stamps), errors
 
     async def _load_table(self, *, to_end: bool) -> None:
@@ -452,7 +452,8 @@ class ProcessorRunner:
 
     async def _commit(self, emitted: pa.Table, errors: list[RecordError]) -> None:
         """An aggregation's emitted windows, keyed by their group, with the errors."""
-        produce = self._encoded(emitted, _keys(emitted, self.spec.keys), None) if emitted.num_rows else []
+        produce = self._encoded(emitted, pa.array(_keys(emitted, self.spec.keys), pa.binary()), None) \
+            if emitted.num_rows else []
         await self._commit_records(produce, errors, windows=emitted.num_rows)
 
     async def _commit_records(self, produce: list[ProduceBatch], errors: list[RecordError], *, windows: int) -> None:
@@ -471,9 +472,9 @@ class ProcessorRunner:
         self.dead_letters.settled(self.aggregated, len(errors))
         self.aggregated = 0
 
-    def _encoded(self, records: pa.Table, keys: list[bytes | None], stamps: list[int] | None) -> list[ProduceBatch]:
-        """Output records, encoded, one produce batch per partition of their key
-        (timestamps: `stamps`, or now)."""
+    def _encoded(self, records: pa.Table, keys: pa.Array, stamps: pa.Array | None) -> list[ProduceBatch]:
+        """Output records, encoded, one produce batch per partition of their key (a binary
+        array; timestamps: `stamps`, or now)."""
         columns = {}
         for field in self.out_arrow:
             if field.name not in records.column_names:  # a given schema's field the processor does not write
@@ -491,15 +492,14 @@ class ProcessorRunner:
             if failures:
                 raise RuntimeError(f"{self.name}: an output record did not fit its derived schema: {failures[0]}")
             values = pa.array(values, pa.binary())
-        parts = pa.array(partition_keys(keys, self.output.partitions), pa.int64())
+        parts = partition_key_column(keys, self.output.partitions)
         now = int(time.time() * 1000)
         out = []
         for p in range(self.output.partitions):
             picked = pc.indices_nonzero(pc.equal(parts, p))
             if len(picked):
-                chosen = picked.to_pylist()
-                out.append(ProduceBatch(self.output.name, p, [keys[i] for i in chosen], values.take(picked),
-                                        [stamps[i] for i in chosen] if stamps is not None else [now] * len(chosen)))
+                out.append(ProduceBatch(self.output.name, p, keys.take(picked), values.take(picked),
+                                        stamps.take(picked).to_pylist() if stamps is not None else [now] * len(picked)))
         return out
 
 
