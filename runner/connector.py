@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import glob
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -111,6 +112,7 @@ __all__ = [
     "arrow_schema",
     "hookimpl",
     "setting",
+    "task_of",
 ]
 
 
@@ -127,6 +129,9 @@ class ConnectorContext:
     # records as its transform chain leaves them, the dead-letter topic's included
     schemas: dict[str, dict]
     partitions: dict[str, int] = field(default_factory=dict)  # topic -> partition count
+    # A source's `tasks: N` in the spec: `Source.tasks()` may return up to this many tasks
+    # (as Kafka Connect's tasks.max); on Kafka they spread over the pipeline's processes.
+    max_tasks: int = 1
 
     def resolve(self, path: str | Path) -> Path:
         """A config path made absolute against the spec's directory."""
@@ -147,6 +152,15 @@ class ConnectorContext:
         resolved = os.path.abspath(self.resolve(path))
         relative = os.path.relpath(resolved)
         return resolved if relative.startswith("..") else relative
+
+
+def task_of(partition: str, tasks: int) -> int:
+    """Which of `tasks` tasks (0 .. tasks - 1) owns a source partition, by its name: the
+    CRC-32 of the name's UTF-8 bytes, modulo `tasks`. The same in every process and on
+    every machine (Python's `hash()` is salted per process), so a partition, and its
+    offset, stays with its task from run to run as long as `tasks` is unchanged. With one
+    task, every partition is task 0's."""
+    return zlib.crc32(partition.encode("utf-8", "surrogateescape")) % tasks if tasks > 1 else 0
 
 
 class _Connector:
@@ -243,8 +257,22 @@ class Source(_Connector):
     """
 
     def tasks(self) -> list[SourceTask]:
-        """The tasks to run, each polled independently. Each task must own distinct
-        source partitions (offsets of all tasks are stored under the connector)."""
+        """The tasks to run, each polled independently. Called more than once (the engine
+        takes task i from a call of its own, again at each tick of a schedule), so build
+        fresh tasks and do no I/O here; the number of tasks must not change between calls.
+
+        Return up to `self.context.max_tasks` tasks: the spec's `tasks: N` (Kafka Connect's
+        `tasks.max`), 1 when not given. Fewer is fine — one, for a source that cannot
+        divide its work. Each task must own distinct source partitions, and the split must
+        be *stable*: for a given N the same partition always goes to the same task, in
+        every run and every process (on Kafka the tasks of one source run in different
+        processes, each of which calls `tasks()`). `task_of(name, N)` is such a split by
+        a partition's name; never split with `hash()`, which differs per process.
+
+        Offsets of all tasks are stored under the connector, and every task's `open` is
+        given all of them: a task ignores those of partitions it does not own. When N
+        changes, a partition that moves to another task resumes there from its offset.
+        """
         raise NotImplementedError
 
     def produces(self) -> dict[str, Any] | None:

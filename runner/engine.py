@@ -446,6 +446,7 @@ class Pipeline:
                 t: self.spec.topics[t].partitions if t in self.spec.topics else 1  # the DLQ has 1
                 for t in topics
             },
+            max_tasks=entry.tasks,
         )
 
     def _build(self, kind: str, entry: ConnectorSpec, topics: list[str], *, chain: Chain | None = None) -> Any:

@@ -356,6 +356,27 @@ def test_unknown_keys_everywhere(tmp_path: pathlib.Path) -> None:
     ]
 
 
+def test_source_tasks(tmp_path: pathlib.Path) -> None:
+    assert load_spec(write(tmp_path, MINIMAL), env={}).sources[0].tasks == 1
+    spec = load_spec(write(tmp_path, MINIMAL + "    tasks: ${TASKS:-3}\n"), env={})
+    assert spec.sources[0].tasks == 3
+    assert load_spec(write(tmp_path, MINIMAL + "    tasks: ${TASKS}\n"), env={"TASKS": "256"}).sources[0].tasks == 256
+
+
+def test_bad_source_tasks_are_located(tmp_path: pathlib.Path) -> None:
+    schema = "{type: record, name: Event, fields: [{name: id, type: long}]}"
+    values = ["0", "257", "three", "2.5", "true", "[2]", "-1"]
+    sources = "".join(f"  - {{name: s{i}, connector: generator, topic: events, tasks: {v}}}\n"
+                      for i, v in enumerate(values))
+    path = write(tmp_path, f"name: demo\ntopics:\n  events: {{schema: {schema}}}\nsources:\n{sources}"
+                 "sinks:\n  - {name: out, connector: jsonl, topics: [events], tasks: 2}\n")
+    assert [(p.line, p.path, p.message) for p in problems(path, env={})] == [
+        *[(5 + i, f"sources[{i}].tasks", f"expected an integer from 1 to 256, got {shown}")
+          for i, shown in enumerate(["0", "257", "'three'", "2.5", "true", "a list", "-1"])],
+        (13, "sinks[0].tasks", "unknown key 'tasks' (expected one of: name, connector, topics, config, transforms)"),
+    ]
+
+
 def test_connector_config_is_not_checked_here(tmp_path: pathlib.Path) -> None:
     spec = load_spec(
         write(tmp_path, MINIMAL + "    config: {anything: [1, {goes: 2.5}], x: null}\n"), env={}

@@ -13,8 +13,9 @@ from runner.spec.checking import Checker, got
 from runner.spec.environment import typed
 from runner.spec.model import ConnectorSpec, TopicSpec, TransformSpec, join, line_of
 
-_SOURCE_KEYS = ("name", "connector", "topic", "config", "transforms", "schedule")
+_SOURCE_KEYS = ("name", "connector", "topic", "config", "transforms", "schedule", "tasks")
 _SINK_KEYS = ("name", "connector", "topics", "config", "transforms")
+MAX_TASKS = 256
 
 Topics = Mapping[str, TopicSpec | None]
 
@@ -65,6 +66,8 @@ def _entry(c: Checker, kind: str, value: Any, path: str, topics: Topics, dlq: st
         except ScheduleError as exc:
             c.problem(f"{path}.schedule", str(exc))
 
+    tasks = _tasks(c, entry.get("tasks"), f"{path}.tasks") if kind == "source" else 1
+
     transforms = _transforms(c, entry.get("transforms"), f"{path}.transforms")
 
     core = (f"{path}.connector", f"{path}.config", f"{path}.transforms")
@@ -72,7 +75,7 @@ def _entry(c: Checker, kind: str, value: Any, path: str, topics: Topics, dlq: st
     if not core_ok or name is None or tainted:
         return None
     return ConnectorSpec(name=name, connector=str(connector), config=config, kind=kind, topic=topic,
-                         topics=topic_list, key_path=path, schedule=schedule, transforms=transforms)
+                         topics=topic_list, key_path=path, schedule=schedule, transforms=transforms, tasks=tasks)
 
 
 def _source_topic(c: Checker, topic: Any, path: str, topics: Topics, dlq: str | None) -> str | None:
@@ -110,6 +113,18 @@ def _sink_topics(c: Checker, raw: Any, path: str, topics: Topics, dlq: str | Non
             _declared(c, t, tpath, topics, dlq)
             out.append(str(t))
     return out
+
+
+def _tasks(c: Checker, value: Any, path: str) -> int:
+    """`tasks: N`: how many tasks the source may split its work into (Kafka Connect's
+    tasks.max); 1 when absent or wrong (the problem is reported)."""
+    if value is None:
+        return 1
+    value = typed(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TASKS:
+        c.problem(path, f"expected an integer from 1 to {MAX_TASKS}, got {got(value)}")
+        return 1
+    return value
 
 
 def _transforms(c: Checker, value: Any, path: str) -> list[TransformSpec]:

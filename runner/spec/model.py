@@ -42,6 +42,7 @@ class ConnectorSpec:
     key_path: str = ""  # e.g. "sources[0]" — for error messages
     schedule: Schedule | None = None  # sources: run as a bounded job at each tick
     transforms: list[TransformSpec] = field(default_factory=list)  # applied per batch, in order
+    tasks: int = 1  # sources: how many tasks the source may divide its work into (`tasks: N`)
 
 
 @dataclass
