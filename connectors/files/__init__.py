@@ -101,6 +101,16 @@ never overwritten: `a.1.csv`, `a.2.csv`, … are used instead. A file that was r
 moved (a crash right after the commit, a permission problem, which is logged) is moved by
 the next run without being read again. Files under `move_to` are never matched by `paths`.
 
+Tasks
+-----
+With `tasks: N` on the source, N tasks read side by side, task i the files whose absolute
+path hashes to i (`runner.connector.task_of`: CRC-32, the same in every process and on
+every machine that sees the files at the same paths, as the offsets, kept by absolute path,
+need anyway). A file keeps its task from run to run while N does. Each task scans, reads
+and moves its own files, and reports its own progress. Every task is opened with the
+offsets of all, so after N changes a file read (or half read) under the old N is skipped
+(or resumed) by its new task.
+
 Batches
 -------
 `batch_size` records (default 5000) per batch; a batch may cover the end of one file and
@@ -112,6 +122,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import glob
 import hashlib
 import logging
@@ -136,6 +147,7 @@ from runner.connector import (
     Source,
     SourceTask,
     setting,
+    task_of,
 )
 
 from connectors.files.convert import plan_for
@@ -233,12 +245,31 @@ class FilesSource(Source):
         return None
 
     def tasks(self) -> list[SourceTask]:
-        return [FilesSourceTask(self.config, self.context)]
+        """`tasks: N`: N tasks, task i reading the files whose absolute path hashes to i
+        (`task_of`), so the same file always goes to the same task."""
+        n = self.context.max_tasks
+        return [FilesSourceTask(self.config, self.context, self._settings, share=(i, n)) for i in range(n)]
+
+    @functools.cached_property
+    def _settings(self) -> Settings:
+        """How the tasks read, built once (the engine calls `tasks()` once per task)."""
+        config, context = self.config, self.context
+        schema = context.schemas.get(context.topics[0]) if context.topics else None
+        return Settings(
+            format=config.format,
+            batch_size=config.batch_size,
+            encoding=config.encoding,
+            delimiter=config.delimiter,
+            plans=plan_for(schema),
+            log_format=compile_format(config.log_format) if config.format == "http_log" else None,
+        )
 
 
 class FilesSourceTask(SourceTask):
-    def __init__(self, config: Any, context: Any) -> None:
+    def __init__(self, config: Any, context: Any, settings: Settings, share: tuple[int, int] = (0, 1)) -> None:
         self.config = config
+        self.settings = settings
+        self.share = share  # (this task, of how many): it reads the files `task_of` gives it
         # (root, pattern relative to it, the fixed directory part): globbing below `root`
         # keeps wildcard characters in the spec's own directory name from counting.
         self.patterns = []
@@ -248,15 +279,6 @@ class FilesSourceTask(SourceTask):
             pattern = os.path.relpath(pattern, os.sep) if os.path.isabs(pattern) else pattern
             self.patterns.append((root, pattern, os.path.join(root, _fixed_part(pattern))))
         self.move_dir = os.path.abspath(context.resolve(config.move_to)) if config.move_to else None
-        schema = context.schemas.get(context.topics[0]) if context.topics else None
-        self.settings = Settings(
-            format=config.format,
-            batch_size=config.batch_size,
-            encoding=config.encoding,
-            delimiter=config.delimiter,
-            plans=plan_for(schema),
-            log_format=compile_format(config.log_format) if config.format == "http_log" else None,
-        )
         self.stored: dict[str, Any] = {}
         self.pending: deque[str] = deque()
         self.bases: dict[str, str] = {}  # path -> the fixed directory of the glob that matched it
@@ -317,8 +339,8 @@ class FilesSourceTask(SourceTask):
         for root, pattern, base in self.patterns:
             for found_path in glob.glob(pattern, root_dir=root, recursive=True):
                 path = os.path.normpath(os.path.join(root, found_path))
-                if path in found:
-                    continue
+                if path in found or task_of(path, self.share[1]) != self.share[0]:
+                    continue  # seen, or another task's
                 try:
                     st = os.stat(path)
                 except OSError:

@@ -19,6 +19,15 @@ is finished first, from the descriptor it holds open) or by truncation (`copytru
 read again from the start); an unfinished last line waits until it is complete. Without
 `follow` it reads what is there, unfinished last line included, and ends.
 
+With `tasks: N` on the source, N tasks read side by side, each the logs whose name hashes to
+it (`runner.connector.task_of` of the absolute path without its rotation suffix, see
+`files.log_name`): `access.log`, `access.log.1`, `access.log.2.gz` and
+`access.log-20240501.gz` are one log, so rotation by rename and the compressed copies stay
+with the task that reads the live file. Only a file renamed out of its log while it is
+followed (to a name that is not the log's plus a rotation suffix, e.g. into an `archive/`
+the globs also match) is read again, from its start, by the task it moves to; between runs
+its stored offset goes with it. `parse_processes: -1` divides the cores among the tasks.
+
 Without `follow`, a file deleted or renamed away between the scan and its reading is
 skipped with a warning naming it; one deleted or renamed while it is read is read to its
 end from the descriptor held open. A file the pipeline may not read stops the run
@@ -51,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import functools
 import logging
 import time
 from collections import deque
@@ -128,9 +138,9 @@ class HttpLogSource(Source):
         )
         parse_processes: int = setting(
             -1,
-            help="Worker processes that parse the lines while the engine moves what was parsed before: "
-            "-1 for one per core but one when the files to read hold 32 MiB or more, 0 to parse in the "
-            "engine's process.",
+            help="Worker processes (per task) that parse the lines while the engine moves what was parsed "
+            "before: -1 for one per core but one, divided among the source's tasks (at least one each), "
+            "when the task's files to read hold 32 MiB or more; 0 to parse in the engine's process.",
             min=-1,
             max=64,
         )
@@ -164,14 +174,24 @@ class HttpLogSource(Source):
         return avro_schema_for(self.config.format)
 
     def tasks(self) -> list[SourceTask]:
-        return [HttpLogSourceTask(self.config, [str(self.context.resolve(p)) for p in self.config.paths])]
+        """`tasks: N`: N tasks, task i reading the logs whose name hashes to i (`task_of`
+        of the absolute path without rotation suffix, see `files.log_name`): a log's
+        rotated files are read by the task that reads the log."""
+        n = self.context.max_tasks
+        patterns = [str(self.context.resolve(p)) for p in self.config.paths]
+        return [HttpLogSourceTask(self.config, patterns, self._format, share=(i, n)) for i in range(n)]
+
+    @functools.cached_property
+    def _format(self) -> LogFormat:
+        return compile_format(self.config.format)  # once: the engine calls `tasks()` once per task
 
 
 class HttpLogSourceTask(SourceTask):
-    def __init__(self, config: Any, patterns: list[str]) -> None:
+    def __init__(self, config: Any, patterns: list[str], format: LogFormat, share: tuple[int, int] = (0, 1)) -> None:
         self.config = config
-        self.format: LogFormat = compile_format(config.format)
-        self.files = FileSet(patterns, config.follow, config.encoding)
+        self.format = format
+        self.share = share
+        self.files = FileSet(patterns, config.follow, config.encoding, share)
         self.last_scan = 0.0
         # A long log is parsed in other processes (see parallel.py): chunks read and handed
         # over, in reading order, with where the file stood after each.
@@ -183,7 +203,7 @@ class HttpLogSourceTask(SourceTask):
     async def open(self, offsets: dict[str, Any]) -> None:
         self.files.load(offsets)
         await asyncio.to_thread(self._scan)
-        if not self.files.files and not self.config.follow:
+        if not self.files.matched_any and not self.config.follow:
             raise FatalError(
                 f"no file matches {', '.join(self.config.paths)}",
                 hint="paths are globs relative to the spec's directory",
@@ -191,7 +211,8 @@ class HttpLogSourceTask(SourceTask):
         workers = self.config.parse_processes
         if workers < 0:
             done, total = self.files.progress()
-            workers = parallel_workers() if total - done >= MIN_BYTES else 0
+            cores = parallel_workers()  # shared by the source's tasks
+            workers = max(1, cores // self.share[1]) if cores and total - done >= MIN_BYTES else 0
         if workers:
             self.pool = ParsePool(self.config.format, workers)
 

@@ -37,6 +37,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.connector import task_of
+
 log = logging.getLogger("pipeline.http_log")
 
 HEAD_BYTES = 1024
@@ -126,13 +128,21 @@ class Chunk:
 
 @dataclass
 class FileSet:
-    """The files matched by `patterns`, with their read state, keyed by identity."""
+    """The files matched by `patterns`, with their read state, keyed by identity.
+
+    With `share=(i, n)` (task i of a source split into n), only the files of the logs
+    that `task_of` gives task i are tracked. A log is its files' `log_name`, so a live
+    file and its rotated predecessors are one task's: rotation renames a file within its
+    log (`access.log` -> `access.log.1`) and `.gz` copies continue from the file they
+    were compressed from, and both need that file in the same set."""
 
     patterns: list[str]
     follow: bool
     encoding: str = "utf-8"
+    share: tuple[int, int] = (0, 1)  # (this task, of how many)
     files: dict[str, TrackedFile] = field(default_factory=dict)  # identity -> file
     known: dict[str, dict[str, Any]] = field(default_factory=dict)  # identity -> stored offset
+    matched_any: bool = False  # the globs matched a regular file at the last scan, this task's or not
 
     def load(self, offsets: dict[str, Any]) -> None:
         self.known = {k: v for k, v in offsets.items() if isinstance(v, dict)}
@@ -143,13 +153,17 @@ class FileSet:
         """Match the globs again: new identities are tracked (resuming from a stored offset
         if there is one), renamed ones get their new path, vanished ones are marked."""
         found: dict[str, tuple[str, int]] = {}  # identity -> (path, size)
+        self.matched_any = False
         for pattern in self.patterns:
             for path in sorted(glob.glob(pattern, recursive=True)):
                 try:
                     st = os.stat(path)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                self.matched_any = True
+                if task_of(log_name(os.path.abspath(path)), self.share[1]) == self.share[0]:
                     found.setdefault(identity(st), (path, st.st_size))
         for tf in self.files.values():
             tf.matched = tf.ident in found
@@ -429,6 +443,18 @@ class FileSet:
 
 
 _ROTATED = re.compile(r"\.(\d+)(?:\.gz)?$")
+# What rotation appends to a log's name: a number or a date (`.1`, `-20240501`,
+# `.2024-05-01`, `_1714557600`), then maybe `.gz`.
+_ROTATION_SUFFIX = re.compile(r"(?:[._-]\d[\d._-]*)?(?:\.gz)?$")
+
+
+def log_name(path: str) -> str:
+    """The log a file belongs to: its path without a rotation suffix. `access.log`,
+    `access.log.1`, `access.log.2.gz` (logrotate), `access.log-20240501.gz` (its
+    `dateext`) and `access_log.1714557600` (Apache's rotatelogs, of `access_log`) are
+    one log, so a source split into tasks keeps them in one task."""
+    head, base = os.path.split(path)
+    return os.path.join(head, _ROTATION_SUFFIX.sub("", base, count=1))
 
 
 def _rotation(path: str) -> int:

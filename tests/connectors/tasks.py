@@ -11,11 +11,12 @@ from runner.connector import ConnectorContext
 
 
 def context(
-    tmp: Path, *, name: str = "c", topics: tuple[str, ...] = ("t",), schemas: dict | None = None
+    tmp: Path, *, name: str = "c", topics: tuple[str, ...] = ("t",), schemas: dict | None = None, max_tasks: int = 1
 ) -> ConnectorContext:
     """A connector context whose spec directory (relative paths) is `tmp`."""
     return ConnectorContext(
-        name=name, pipeline="p", spec_dir=tmp, state_dir=tmp / "state", topics=topics, schemas=schemas or {}
+        name=name, pipeline="p", spec_dir=tmp, state_dir=tmp / "state", topics=topics, schemas=schemas or {},
+        max_tasks=max_tasks,
     )
 
 
