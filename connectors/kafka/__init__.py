@@ -48,10 +48,13 @@ The `kafka` source reads topics of a cluster into a pipeline topic, schema-check
 source: with `format: json` each record's value must be one JSON object, which becomes one
 row (the record's key, timestamp and headers are not kept; the pipeline topic's `key`
 field keys the row). A value that is not a JSON object is a data error at
-`topic[partition]@offset`, handled by the spec's error policy. One task reads every
-partition of the listed topics by assignment (no consumer group) and keeps
-`"<topic>/<partition>": next_offset` as source offsets, so a restart resumes where the
-last batch that reached the pipeline topic ended. Partitions without a stored offset
+`topic[partition]@offset`, handled by the spec's error policy. The partitions of the
+listed topics are read by assignment (no consumer group), by one task or, with `tasks: N`,
+by N tasks: a topic's partitions go round the tasks in order, starting at the task its name
+hashes to, so each task keeps its partitions from run to run (partitions added to a topic
+move none of the others); a task left without a partition idles (or ends, with
+`stop_at_end`). Each keeps `"<topic>/<partition>": next_offset` as source offsets, so a
+restart resumes where the last batch that reached the pipeline topic ended. Partitions without a stored offset
 start at `start` (earliest or latest). Partitions are read when the source opens:
 partitions added later are not seen until the next run.
 
@@ -189,4 +192,5 @@ class KafkaSource(Source):
     def tasks(self) -> list[SourceTask]:
         from connectors.kafka.tasks import KafkaSourceTask  # aiokafka loads when a task runs
 
-        return [KafkaSourceTask(self.context.name, self.config)]
+        n = self.context.max_tasks
+        return [KafkaSourceTask(self.context.name, self.config, share=(i, n)) for i in range(n)]

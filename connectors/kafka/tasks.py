@@ -24,6 +24,7 @@ from runner.connector import (
     SinkTask,
     SourceTask,
     TopicPartition,
+    task_of,
 )
 
 from connectors.kafka import SOURCE_OFFSET_HEADER
@@ -387,10 +388,17 @@ def _source_offset(record: Any) -> int | None:
 # -- the source ---------------------------------------------------------------------------
 
 
+def _owner(tp: KafkaTP, tasks: int) -> int:
+    """The task of `tasks` that reads a partition: a topic's partitions in turn, from the
+    task its name gives (`task_of`), so they spread evenly and keep their task."""
+    return (task_of(tp.topic, tasks) + tp.partition) % tasks
+
+
 class KafkaSourceTask(SourceTask):
-    def __init__(self, name: str, config: Any) -> None:
+    def __init__(self, name: str, config: Any, share: tuple[int, int] = (0, 1)) -> None:
         self.name = name
         self.config = config
+        self.share = share  # (this task, of how many): it reads the partitions `_owner` gives it
         self.options = config.options()
         self.settings = client_settings(self.options)
         self.servers = self.options.bootstrap_servers
@@ -422,6 +430,7 @@ class KafkaSourceTask(SourceTask):
                 hint="check config.topics",
             )
         tps = [KafkaTP(t, p) for t in self.config.topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        tps = [tp for tp in tps if _owner(tp, self.share[1]) == self.share[0]]
         starts: dict[KafkaTP, int] = {}
         probe = self._consumer()
         try:

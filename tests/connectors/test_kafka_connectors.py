@@ -10,6 +10,7 @@ import asyncio
 import json
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from aiokafka import TopicPartition as TP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from connectors.kafka import KafkaSink
+from connectors.kafka.tasks import _owner
 from runner.batch import Batch
 from runner.connector import ConnectorContext, FatalError, TopicPartition
 from tests.conftest import run_cli
@@ -79,13 +81,10 @@ def consume(spec: Path, topic: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_source_reads_json_values_dead_letters_bad_ones_and_resumes(tmp_path: Path, kafka: Tansu) -> None:
-    asyncio.run(create_topic(kafka.bootstrap, "ext", 2))
-    good = [(i % 2, json.dumps({"id": i, "name": f"n{i}"}).encode()) for i in range(300)]
-    bad = [(1, b"[1, 2, 3]"), (0, b"{not json")]
-    asyncio.run(send(kafka.bootstrap, "ext", good[:100] + bad + good[100:]))
-    (tmp_path / "event.avsc").write_text(json.dumps(SCHEMA))
-    spec = tmp_path / "in.yaml"
+def source_spec(tmp: Path, bootstrap: str, tasks: int = 1) -> Path:
+    """A spec whose source `external` reads the cluster's topic `ext` to its end into `events`."""
+    (tmp / "event.avsc").write_text(json.dumps(SCHEMA))
+    spec = tmp / "in.yaml"
     spec.write_text(textwrap.dedent(f"""\
         name: kafka-in
         topics:
@@ -94,13 +93,23 @@ def test_source_reads_json_values_dead_letters_bad_ones_and_resumes(tmp_path: Pa
           - name: external
             connector: kafka
             topic: events
+            tasks: {tasks}
             config:
-              cluster: {{bootstrap_servers: "{kafka.bootstrap}"}}
+              cluster: {{bootstrap_servers: "{bootstrap}"}}
               topics: [ext]
               batch_size: 64
               stop_at_end: true
         errors: {{tolerance: all, dead_letter_topic: events-dlq}}
         """))
+    return spec
+
+
+def test_source_reads_json_values_dead_letters_bad_ones_and_resumes(tmp_path: Path, kafka: Tansu) -> None:
+    asyncio.run(create_topic(kafka.bootstrap, "ext", 2))
+    good = [(i % 2, json.dumps({"id": i, "name": f"n{i}"}).encode()) for i in range(300)]
+    bad = [(1, b"[1, 2, 3]"), (0, b"{not json")]
+    asyncio.run(send(kafka.bootstrap, "ext", good[:100] + bad + good[100:]))
+    spec = source_spec(tmp_path, kafka.bootstrap)
     first = run_cli("run", spec, "--once", timeout=60)
     assert first.returncode == 0, first.stderr
     assert sorted(r["id"] for r in consume(spec, "events")) == list(range(300))
@@ -121,6 +130,23 @@ def test_source_reads_json_values_dead_letters_bad_ones_and_resumes(tmp_path: Pa
     assert len(consume(spec, "events-dlq")) == 2
     summary = second.stderr[second.stderr.index("pipeline 'kafka-in' finished"):]
     assert summary.split("external")[1].split()[1] == "50"  # records in: only the new ones
+
+
+def test_source_tasks_take_a_topics_partitions_in_turn() -> None:
+    for topic in ("ext", "orders", "clicks"):
+        owners = [_owner(TP(topic, p), 3) for p in range(7)]
+        assert owners == [(owners[0] + p) % 3 for p in range(7)]
+    assert {_owner(TP("ext", p), 1) for p in range(7)} == {0}
+
+
+def test_source_split_into_tasks_reads_every_partition_once(tmp_path: Path, kafka: Tansu) -> None:
+    asyncio.run(create_topic(kafka.bootstrap, "ext", 4))
+    asyncio.run(send(kafka.bootstrap, "ext", [(i % 4, json.dumps({"id": i, "name": f"n{i}"}).encode())
+                                             for i in range(200)]))
+    spec = source_spec(tmp_path, kafka.bootstrap, tasks=3)
+    first = run_cli("run", spec, "--once", timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert Counter(r["id"] for r in consume(spec, "events")) == Counter(range(200))
 
 
 def test_sink_copies_an_avro_topic_out_and_resumes_from_the_target(tmp_path: Path, kafka: Tansu) -> None:
