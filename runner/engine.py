@@ -32,6 +32,7 @@ from runner.schema.registry import SchemaRegistry
 from runner.schema.remote import RegistryOptions, RemoteSchemaRegistry
 from runner.schema.serde import DEAD_LETTER_SCHEMA
 from runner.spec import ConnectorSpec, Spec, load_spec
+from runner.spec.fingerprint import fingerprint
 from runner.spec.model import ProcessorSpec
 from runner.runs import RunHistory
 from runner.schedule import Clock, SystemClock
@@ -349,6 +350,8 @@ class Pipeline:
     async def _run(self) -> None:
         spec = self.spec
         broker = open_broker(spec)
+        if broker.distributed:  # processes sharing the pipeline must run the same spec
+            broker.identity = fingerprint(spec, once=self.once)
         try:
             await broker.start()
         except OSError as exc:

@@ -28,7 +28,7 @@ def test_two_stops_of_one_task_at_once_remove_it_once() -> None:
                             once=True)
         await group._assigned([TopicPartition("_pipeline-p-source-tasks", 0)])
         assert list(group.running) == [0]
-        await asyncio.gather(group._stop([0]), group._revoked([TopicPartition("_pipeline-p-source-tasks", 0)]))
+        await asyncio.gather(group._stop([0]), group._release([TopicPartition("_pipeline-p-source-tasks", 0)]))
         assert group.running == {}
 
     asyncio.run(main())

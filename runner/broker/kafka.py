@@ -9,14 +9,16 @@ Spec::
         security: {protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512,
                    username: "${KAFKA_USER}", password: "${KAFKA_PASSWORD}", ssl_cafile: ca.pem}
         producer: {linger_ms: 5}            # passed to AIOKafkaProducer
-        consumer: {session_timeout_ms: 10000}  # passed to AIOKafkaConsumer
+        consumer: {session_timeout_ms: 6000}   # passed to AIOKafkaConsumer
 
 - Producing goes through aiokafka's batch path (`create_batch` / `send_batch`, one call per
   topic-partition batch rather than one `send` per record) with `acks=all`; `produce`
   returns when every batch is acknowledged. Partitions are chosen by the worker with Kafka's
   default partitioner (murmur2), so other clients agree on where a key lives.
 - Sinks consume in a consumer group; offsets are committed only as the worker says (after a
-  sink's flush), never automatically.
+  sink's flush), never automatically. Rebalances are incremental and sticky
+  (`kafka_groups`): a process joining or leaving moves only the partitions and tasks that
+  change hands.
 - Source offsets live in a compacted topic (`offsets_topic`, default `_pipeline_offsets`),
   keyed by `[pipeline, connector, source partition]` as JSON, like Kafka Connect's
   `connect-offsets`. They are written after the records they describe are acknowledged:
@@ -33,11 +35,12 @@ import json
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -60,8 +63,9 @@ from runner.broker.base import (
     as_list,
 )
 from runner.broker.kafka_fetch import RUNS, install
+from runner.broker.kafka_groups import KafkaMembership
 from runner.broker.kafka_options import KafkaOptions, SecurityOptions, client_settings
-from runner.errors import FatalError, RetryableError
+from runner.errors import FatalError, PipelineError, RetryableError
 
 log = logging.getLogger("pipeline.kafka")
 
@@ -147,6 +151,9 @@ class KafkaBroker:
         self.read_only = read_only
         self.settings = client_settings(self.options)
         self._admin: AIOKafkaAdminClient | None = None
+        # What every group member of this process tells its group of the spec it runs
+        # (`Pipeline` sets it): members on another spec are refused.
+        self.identity: dict[str, str] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
 
@@ -541,6 +548,35 @@ class KafkaBroker:
         await consumer.start()
         return consumer
 
+    def group_options(self) -> dict[str, Any]:
+        """A group member's settings: the spec's `consumer:` over ours. A session of 6 s
+        (the least a Kafka broker allows by default): a killed process's work moves on
+        within about 10 s."""
+        return {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000, **dict(self.options.consumer)}
+
+    def reader_options(self) -> dict[str, Any]:
+        return dict(self.options.consumer)
+
+    def join_timeout(self) -> float:
+        """How long a first join may take: a few rounds, while members leave or die (a
+        dead one is waited for until its session times out)."""
+        return max(60.0, self.group_options()["session_timeout_ms"] / 1000 * 10)
+
+    def membership(self, group: str, topics: list[str],
+                   note: Callable[[], dict[str, Any]] | None = None) -> KafkaMembership:
+        """A member of `group` that fetches nothing (`kafka_groups`); start it to join.
+        Every member of this process tells the group `identity` (the spec's fingerprint)
+        besides its own `note`."""
+        settings = {**self.settings, **self.group_options()}
+        # A JoinGroup request may take up to the session timeout to be answered.
+        settings["request_timeout_ms"] = max(settings["request_timeout_ms"], settings["session_timeout_ms"] + 5_000)
+        identity = self.identity
+
+        def full_note() -> dict[str, Any]:
+            return {**({"spec": identity} if identity else {}), **(note() if note else {})}
+
+        return KafkaMembership(group, topics, settings, full_note)
+
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         # Through a consumer of the group that does not join it (OffsetFetch), which every
         # Kafka-protocol broker answers; the admin client's variant is not understood by all.
@@ -607,29 +643,12 @@ async def _end_of(sent: asyncio.Future, count: int) -> int:
         raise _error(exc, "produce") from exc
 
 
-def _ours(partitions: Any) -> list[TopicPartition]:
-    return sorted(TopicPartition(tp.topic, tp.partition) for tp in partitions)
-
-
-class _Listener(ConsumerRebalanceListener):
-    """aiokafka's rebalance callbacks, passed on to the worker's (eager rebalancing: every
-    partition is revoked, then the new assignment given)."""
-
-    def __init__(self, consumer: KafkaConsumer) -> None:
-        self.consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        if self.consumer._revoked is not None and revoked:
-            await self.consumer._revoked(_ours(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.consumer._joined.set()  # also when this member is given nothing
-        if self.consumer._assigned_cb is not None:
-            await self.consumer._assigned_cb(_ours(assigned))
-
-
 class KafkaConsumer:
-    """A member of a Kafka consumer group, as the worker's Consumer."""
+    """The worker's Consumer on Kafka. In a group (a sink's), two clients: a member of the
+    group (`KafkaMembership`: incremental, sticky rebalances) and a reader outside any
+    group, assigned what the member holds. A rebalance changes the reader's partitions
+    only where they changed hands: what is kept is read on without a pause, from where
+    it was. Without a group, the reader alone (`pipeline consume`, processors)."""
 
     def __init__(self, broker: KafkaBroker, group: str | None, topics: list[str],
                  only: list[TopicPartition] | None = None) -> None:
@@ -637,27 +656,21 @@ class KafkaConsumer:
         self.group = group
         self.topics = list(dict.fromkeys(topics))
         self.only = only  # (no group) the partitions to read; None: every one
-        settings = {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, **dict(broker.options.consumer)}
-        client = dict(broker.settings)
-        # A JoinGroup request may take up to the session timeout to be answered.
-        client["request_timeout_ms"] = max(client["request_timeout_ms"], settings["session_timeout_ms"] + 5_000)
         self._revoked: Rebalance | None = None
         self._assigned_cb: Rebalance | None = None
-        self._joined = asyncio.Event()  # the group's first rebalance round is over
         self._consumer = AIOKafkaConsumer(
-            **client,
-            group_id=group,
+            **broker.settings,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             value_deserializer=RUNS,
-            **settings,
+            **broker.reader_options(),
         )
-        self._join_timeout = settings["session_timeout_ms"] / 1000 * 3
+        self.membership = broker.membership(group, self.topics) if group is not None else None
+        self._reading = asyncio.Lock()  # a fetch, or a change of the reader's partitions
+        self._join_timeout = broker.join_timeout()
 
     async def start(self) -> None:
         try:
-            if self.group is not None:
-                self._consumer.subscribe(self.topics, listener=_Listener(self))
             async with asyncio.timeout(self._join_timeout):  # not wait_for: it may lose a cancellation
                 await self._start()
         except BaseException as exc:
@@ -666,24 +679,55 @@ class KafkaConsumer:
                 raise RetryableError(
                     f"kafka: consumer group {self.group!r} assigned no partitions within {self._join_timeout:.0f} s"
                 ) from None
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, PipelineError):
                 raise
             raise _error(exc, "start a consumer") from exc
 
     async def _start(self) -> None:
         await self._consumer.start()
-        if self.group is None:
+        if self.membership is None:
             self._consumer.assign([
                 KafkaTP(t, p) for t in self.topics for p in range(await self.broker._partition_count(t))
                 if self.only is None or TopicPartition(t, p) in self.only
             ])
             return
+        m = self.membership
+        m.release_cb, m.assigned_cb, m.lost_cb = self._release, self._now_assigned, self._release
         # The group's first rebalance round; a member may be given nothing (more processes
         # than partitions), and still stands by to take over.
-        await self._joined.wait()
+        await m.start()
 
     def on_rebalance(self, revoked: Rebalance | None, assigned: Rebalance | None) -> None:
         self._revoked, self._assigned_cb = revoked, assigned
+
+    async def _release(self, partitions: list[TopicPartition]) -> None:
+        if self._revoked is not None:
+            await self._revoked(partitions)
+        gone = {KafkaTP(tp.topic, tp.partition) for tp in partitions}
+        await self._read(set(self._consumer.assignment()) - gone)
+
+    async def _now_assigned(self, partitions: list[TopicPartition]) -> None:
+        await self._read({KafkaTP(tp.topic, tp.partition) for tp in partitions})
+        if self._assigned_cb is not None:
+            await self._assigned_cb(partitions)
+
+    async def _read(self, partitions: set[KafkaTP]) -> None:
+        """Point the reader at `partitions`: the ones it reads already keep their
+        positions; new ones start at the group's committed offset (or the earliest)."""
+        async with self._reading:
+            current = set(self._consumer.assignment())
+            if partitions == current:
+                return
+            kept = {tp: await self._consumer.position(tp) for tp in current & partitions}
+            self._consumer.assign(sorted(partitions))
+            for tp, offset in kept.items():
+                self._consumer.seek(tp, offset)
+            for tp in sorted(partitions - current):
+                committed = await self.membership.committed(TopicPartition(tp.topic, tp.partition))
+                if committed is None or committed < 0:
+                    await self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
 
     def _assigned(self, tp: TopicPartition) -> KafkaTP:
         ktp = KafkaTP(tp.topic, tp.partition)
@@ -698,9 +742,15 @@ class KafkaConsumer:
         self._consumer.seek(self._assigned(tp), offset)
 
     async def fetch(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        if self.membership is not None and self.membership.failure is not None:
+            raise self.membership.failure
+        if not self._consumer.assignment():  # (aiokafka's getmany never returns on nothing)
+            await asyncio.sleep(timeout)
+            return []
         try:
             # A run is one record batch; the fetch size bounds how many come at once.
-            got = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
+            async with self._reading:
+                got = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
         except Exception as exc:
             raise _error(exc, "fetch") from exc
         out = []
@@ -721,8 +771,10 @@ class KafkaConsumer:
         return await self._consumer.position(self._assigned(tp))
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.membership is None:
+            raise FatalError("kafka: commit: a reader outside any consumer group has nothing to commit to")
         try:
-            await self._consumer.commit({KafkaTP(tp.topic, tp.partition): off for tp, off in offsets.items()})
+            await self.membership.commit(offsets)
         except Exception as exc:
             raise _error(exc, "commit") from exc
 
@@ -734,4 +786,6 @@ class KafkaConsumer:
             await self._consumer.stop()
         except Exception:  # closing: nothing left to save
             log.debug("closing a Kafka consumer failed", exc_info=True)
+        if self.membership is not None:
+            await self.membership.close()
 

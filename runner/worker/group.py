@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from runner.broker.base import Broker, TopicPartition
 from runner.errors import FatalError
@@ -33,11 +34,18 @@ class WorkerGroup:
     On one machine (embedded broker) this process runs all of them. On Kafka, the
     processes of a pipeline share them as Kafka Connect's workers do, through Kafka
     itself: a control topic with one partition per task, and a consumer group on it
-    (`_pipeline-<pipeline>-<role>`). Each process runs the tasks whose partitions it is
-    assigned. When a process joins or leaves, the group rebalances: a task to be given up
-    stops polling, writes and commits what it polled, and closes before the partition
-    goes to another process, which starts the task again from its offsets (a processor:
-    and its state). A process killed outright loses its tasks when its session times out.
+    (`_pipeline-<pipeline>-<role>`) whose rebalances are incremental and sticky
+    (`runner.broker.kafka_groups`). Each process runs the tasks whose partitions it holds.
+    When a process joins or leaves, only the tasks that change hands move: a task to be
+    given up stops polling, writes and commits what it polled, and closes before its
+    partition goes to another process, which starts it again from its offsets (a
+    processor: and its state); the other tasks run on. A process that ends leaves the
+    group at once; one killed outright loses its tasks when its session times out.
+
+    With `once`, `run` returns when every task of the group has ended, wherever it ran:
+    a process tells the group which tasks it saw end (its member note, read at each
+    rebalance, and it asks for one when a task of its own ends), and a task the group
+    knows ended is not started again.
     """
 
     def __init__(self, pipeline: str, role: str, slots: list[TaskSlot], broker: Broker, stop: asyncio.Event,
@@ -47,9 +55,10 @@ class WorkerGroup:
         self.slots = slots
         self.broker = broker
         self.stop = stop
-        self.once = once  # return when the tasks running here have ended
+        self.once = once
         self.running: dict[int, tuple[asyncio.Event, asyncio.Task]] = {}
-        self.changed = asyncio.Event()
+        self.done: set[int] = set()  # tasks known to have ended (--once): here, or told by the group
+        self.member: Any = None  # (Kafka) this process in the group, once `run` joined it
 
     @property
     def control_topic(self) -> str:
@@ -72,40 +81,73 @@ class WorkerGroup:
                 f"control topic {topic!r} was made for another number ({exc})",
                 hint=f"stop every process of the pipeline, delete the topic {topic!r}, and start again",
             ) from None
-        consumer = await self.broker.consumer(topic, [topic])
+        self.member = member = self.broker.membership(topic, [topic], self._note)
+        member.release_cb, member.assigned_cb, member.lost_cb = self._release, self._assigned, self._release
         try:
-            consumer.on_rebalance(self._revoked, self._assigned)
-            await self._assigned(await consumer.assignment())
+            await member.start()
             while not self.stop.is_set():
-                tasks = [task for _, task in self.running.values()]
-                for task in tasks:
-                    if task.done() and not task.cancelled() and task.exception() is not None:
-                        raise task.exception()
-                if self.once and all(task.done() for task in tasks):
+                self._check(member)
+                # Ended when the group says so: every process learns it in the same
+                # rebalance, and none starts again a task another saw end.
+                if self.once and len(set(member.view.done)) == len(self.slots):
                     break
-                self.changed.clear()
-                waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self.changed.wait())}
-                pending = [task for task in tasks if not task.done()]
-                _done, _rest = await asyncio.wait(waits | set(pending), return_when=asyncio.FIRST_COMPLETED)
+                member.changed.clear()
+                waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(member.changed.wait())}
+                pending = [task for _, task in self.running.values() if not task.done()]
+                await asyncio.wait(waits | set(pending), return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
         finally:
-            consumer.on_rebalance(None, None)
+            member.release_cb = member.assigned_cb = member.lost_cb = None
             await self._stop(list(self.running))
-            await consumer.close()
+            await member.close()
+
+    def _note(self) -> dict:
+        return {"done": sorted(self.done)} if self.once else {}
+
+    def _check(self, member: Any) -> None:
+        """Raise what failed; note the tasks that ended here (and tell the group)."""
+        if member.failure is not None:
+            raise member.failure
+        ended = False
+        for i, (stop, task) in list(self.running.items()):
+            if not task.done():
+                continue
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+            # A task stopped here (given up in a rebalance) has not ended: its next owner
+            # goes on with it.
+            if self.once and i not in self.done and not stop.is_set():
+                self.done.add(i)
+                ended = True
+                log.info("%s: task %d ended here", self.slots[i].source, self.slots[i].index)
+        self.done |= set(member.view.done) if self.once else set()
+        if ended:
+            member.rejoin()
 
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
+        if self.once and self.member is not None:
+            self.done |= set(self.member.view.done)
         for tp in partitions:
-            if tp.partition not in self.running:
+            if tp.partition not in self.running and tp.partition not in self.done:
                 slot = self.slots[tp.partition]
                 stop = asyncio.Event()
                 self.running[tp.partition] = (stop, asyncio.create_task(slot.runner(stop).run()))
                 log.info("%s: task %d started here", slot.source, slot.index)
-        self.changed.set()
+        if self.member is not None:
+            self._log_assignment()
 
-    async def _revoked(self, partitions: list[TopicPartition]) -> None:
+    def _log_assignment(self) -> None:
+        """Who runs what, as the group's last rebalance shared it out."""
+        def named(assigned: list) -> str:
+            tasks = [f"{self.slots[p].source}/{self.slots[p].index}" for _, p in assigned if p < len(self.slots)]
+            return ", ".join(tasks) or "nothing"
+
+        log.info("%s: %s", self.role, "; ".join(f"{m['name']} runs {named(m['assigned'])}"
+                                                 for m in self.member.view.members))
+
+    async def _release(self, partitions: list[TopicPartition]) -> None:
         await self._stop([tp.partition for tp in partitions])
-        self.changed.set()
 
     async def _stop(self, indexes: list[int]) -> None:
         """Stop these tasks and wait for them: their last batches are written first. A

@@ -82,7 +82,7 @@ class SinkRunner:
     async def _run(self) -> None:
         consumer = await self.broker.consumer(self.group, list(self.topics))
         queue: asyncio.Queue[_Fetched | None] = asyncio.Queue(QUEUE_BATCHES)
-        self._consumer, self._queue = consumer, queue
+        self._consumer = consumer
         # What the put half has done since the last flush; shared with the rebalance
         # callbacks, which run between two puts (the lock).
         self._positions: dict[TopicPartition, int] = {}  # put since the last flush
@@ -90,7 +90,6 @@ class SinkRunner:
         self._put_end: dict[TopicPartition, int] = {}  # after the last record given to the sink
         self._pending = 0
         self._lock = asyncio.Lock()
-        self._failure: BaseException | None = None  # raised in a rebalance callback
         clean = False
         try:
             self._assigned = set(await consumer.assignment())
@@ -114,37 +113,36 @@ class SinkRunner:
                 await consumer.close()
 
     # A consumer-group rebalance (Kafka: another process of the pipeline joined or left).
-    # Before partitions are given up, everything fetched is put, flushed and committed; the
-    # task is then opened again with the new assignment and resumes where its output (or
-    # the group's commits) end. Batches of partitions no longer assigned are dropped: their
-    # new owner reads them again from the committed offset.
+    # Rebalances are incremental: what this process keeps goes on being read and put
+    # without a pause. A partition to be given up is put, flushed and committed as far as
+    # it was put, and the task let go of it, before its new owner gets it, who reads it
+    # again from the committed offset. A partition gained is opened and read from the
+    # group's commits (or the sink's own offsets).
 
     async def _revoked(self, partitions: list[TopicPartition]) -> None:
-        try:
-            await self._queue.join()
-            async with self._lock:
-                self._assigned.difference_update(partitions)
-                await self._flush(self._consumer)
-                # The task lets go of the revoked partitions now: nothing of theirs may be
-                # written once their new owner can have them.
-                await self.task.open(sorted(self._assigned))
-        except BaseException as exc:
-            self._failure = exc  # the broker's client only logs what its callbacks raise
-            raise
+        # No more batches of these are put (queued ones are dropped: their new owner
+        # reads them again from what is committed here).
+        self._assigned.difference_update(partitions)
+        async with self._lock:
+            await self._flush(self._consumer)
+            for tp in partitions:
+                self._put_to.pop(tp, None)
+                self._put_end.pop(tp, None)
+            # The task lets go of them now: nothing of theirs may be written once their
+            # new owner can have them.
+            await self.task.open(sorted(self._assigned))
         log.info("%s: gave up %s in a rebalance", self.name, ", ".join(map(str, partitions)))
 
     async def _assigned_again(self, partitions: list[TopicPartition]) -> None:
-        try:
-            async with self._lock:
-                self._assigned = set(partitions)
-                self._put_to = {tp: off for tp, off in self._put_to.items() if tp in self._assigned}
-                self._put_end = {tp: off for tp, off in self._put_end.items() if tp in self._assigned}
-                resume = await self.task.open(sorted(self._assigned))
-                await self._resume(self._consumer, resume or {})
-        except BaseException as exc:
-            self._failure = exc
-            raise
-        log.info("%s: assigned %s in a rebalance", self.name, ", ".join(map(str, partitions)) or "nothing")
+        gained = set(partitions) - self._assigned
+        if not gained:
+            return
+        async with self._lock:
+            self._assigned |= gained
+            resume = await self.task.open(sorted(self._assigned))
+            await self._resume(self._consumer, {tp: off for tp, off in (resume or {}).items() if tp in gained})
+        log.info("%s: took %s in a rebalance (now %s)", self.name, ", ".join(map(str, sorted(gained))),
+                 ", ".join(map(str, sorted(self._assigned))))
 
     async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
         """Start where the sink says its output ends, if it keeps its own offsets."""
@@ -163,15 +161,16 @@ class SinkRunner:
             await consumer.seek(tp, offset)
 
     async def _fetch(self, consumer: Any, queue: asyncio.Queue[_Fetched | None]) -> None:
-        targets: dict[TopicPartition, int] | None = None
+        # (--once) Where each partition ended when everything upstream had ended; a
+        # partition taken over later (Kafka: from a process that finished) gets its own.
+        targets: dict[TopicPartition, int] = {}
         while not self.stop.is_set():
-            if targets is None and self.sources_done is not None and self.sources_done.is_set():
-                targets = await self._end_offsets(sorted(self._assigned))
-            if targets is not None and await _caught_up(consumer, targets):
-                break
+            if self.sources_done is not None and self.sources_done.is_set():
+                assigned = sorted(self._assigned)
+                targets.update(await self._end_offsets([tp for tp in assigned if tp not in targets]))
+                if await _caught_up(consumer, {tp: targets[tp] for tp in assigned}):
+                    break
             fetched = await consumer.fetch(SINK_FETCH_RECORDS, 0.2)
-            if self._failure is not None:
-                raise self._failure
             for fb in fetched:
                 if TopicPartition(fb.topic, fb.partition) not in self._assigned:
                     continue  # revoked while in flight
