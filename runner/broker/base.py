@@ -101,9 +101,12 @@ class Consumer(Protocol):
     async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
 
     def on_rebalance(self, revoked: Rebalance | None, assigned: Rebalance | None) -> None:
-        """Call `revoked(partitions)` before partitions are taken away from this member
-        and `assigned(partitions)` (the whole new assignment) after a rebalance; None
-        removes them. A broker without rebalances (embedded: one process) never calls them."""
+        """Rebalances are incremental: `revoked(partitions)` is called when the group
+        asks this member to give these up (they are still held until it returns: commit
+        what was put of them), `assigned(partitions)` (the whole assignment, kept and
+        gained) after a rebalance that gave it new ones; what is kept is read on from where
+        it was. None removes them. A broker without rebalances (embedded: one process)
+        never calls them."""
         ...
 
     async def close(self) -> None: ...
