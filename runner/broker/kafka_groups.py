@@ -181,8 +181,8 @@ class StickyAssignor(AbstractPartitionAssignor):
         self.view = GroupView()
 
     def metadata(self, topics: Any) -> ConsumerProtocolMemberMetadata:  # type: ignore[override]
-        self.membership.told = self.membership.changes
-        data = {"owned": sorted(self.membership.owned()), "note": self.membership.note()}
+        self.membership.holdings.joining()
+        data = {"owned": self.membership.holdings.owned(), "note": self.membership.note()}
         return ConsumerProtocolMemberMetadata(0, sorted(topics), json.dumps(data).encode())
 
     def assign(self, cluster: Any, members: Any) -> dict[str, ConsumerProtocolMemberAssignment]:  # type: ignore[override]
@@ -224,6 +224,58 @@ class StickyAssignor(AbstractPartitionAssignor):
         )
 
 
+class Holdings:
+    """What one member holds, and what the group was told of it (no I/O: the rules of
+    `KafkaMembership`, on their own).
+
+    A partition is *active* (this member works on it) when held and neither being
+    released nor released. A released one stays out of work until a rebalance whose
+    leader knew of the release (`told` reached the change that made it): before that,
+    the leader may still list it as ours, from older metadata.
+    """
+
+    def __init__(self) -> None:
+        self.held: set[TP] = set()  # in our assignment
+        self.releasing: set[TP] = set()  # being given up (still owned)
+        self.released: dict[TP, int] = {}  # given up, by the number of the change that did it
+        # Changes of our own (a release done, a note changed), and how many of them the
+        # group was told at our last join.
+        self.changes = 0
+        self.told = 0
+
+    def owned(self) -> list[TP]:
+        """What the group is told we own (a partition being released still is)."""
+        return sorted(self.held - self.released.keys())
+
+    def active(self) -> set[TP]:
+        return self.held - self.releasing - self.released.keys()
+
+    def joining(self) -> None:
+        """Our metadata goes out: the group now knows every change so far."""
+        self.told = self.changes
+
+    def assigned(self, assigned: set[TP], release: set[TP]) -> tuple[set[TP], set[TP]]:
+        """A rebalance's outcome: returns (lost: active partitions taken without a
+        release, to release: active partitions the leader asks us to give up)."""
+        lost = self.active() - assigned
+        self.released = {tp: n for tp, n in self.released.items() if n > self.told and tp in assigned}
+        self.held = set(assigned)
+        to_release = release & self.active()
+        self.releasing |= to_release
+        return lost, to_release
+
+    def release_done(self, partitions: set[TP], ok: bool) -> None:
+        self.releasing -= partitions
+        if ok:
+            self.changes += 1
+            self.released.update((tp, self.changes) for tp in partitions & self.held)
+
+    @property
+    def behind(self) -> bool:
+        """The group has not been told every change: ask for a rebalance."""
+        return self.told != self.changes
+
+
 Changed = Callable[[list[TopicPartition]], Awaitable[None]]
 
 
@@ -258,17 +310,11 @@ class KafkaMembership:
         self.group = group
         self.topics = topics
         self._note = note or dict
-        self.held: set[TP] = set()  # assigned to us and not released
-        self.releasing: set[TP] = set()  # being given up (still held)
-        self.released: set[TP] = set()  # given up, still in the assignment until the next round
+        self.holdings = Holdings()
         self.release_cb: Changed | None = None
         self.assigned_cb: Changed | None = None
         self.lost_cb: Changed | None = None
         self.failure: BaseException | None = None  # raised by a callback or a refusal
-        # Changes of our own (a release done, a note changed) and how many of them the
-        # group was told at our last join: aiokafka forgets a rejoin asked for while a
-        # join is under way, so each rebalance ends by asking again if the group is behind.
-        self.changes = self.told = 0
         self.settled_at = 0.0  # (loop time) when the last rebalance will have settled
         self._asking: asyncio.TimerHandle | None = None
         self.changed = asyncio.Event()  # set after each rebalance this member took part in
@@ -282,9 +328,6 @@ class KafkaMembership:
     @property
     def view(self) -> GroupView:
         return self.assignor.view
-
-    def owned(self) -> list[TP]:
-        return sorted(self.held - self.released)
 
     def note(self) -> dict[str, Any]:
         return {"name": member_name(), **self._note()}
@@ -310,7 +353,7 @@ class KafkaMembership:
 
     def rejoin(self) -> None:
         """Tell the group what changed here (the note, a release): a rebalance."""
-        self.changes += 1
+        self.holdings.changes += 1
         self._ask()
 
     def _ask(self) -> None:
@@ -339,20 +382,15 @@ class KafkaMembership:
                     f"{spec_difference(mine, view.refused)}",
                     hint="run the same spec file in every process of a pipeline, or give this one another `name:`",
                 )
-            before = self.held - self.released
-            self.released &= assigned  # what left the assignment is fully gone now
-            lost = before - assigned
-            self.held = set(assigned)
-            if lost - self.releasing:
+            lost, release = self.holdings.assigned(assigned, set(view.release))
+            if lost:
                 log.warning("%s: lost %s without a release (this process was dropped from the group)",
                             self.group, ", ".join(f"{t}[{p}]" for t, p in sorted(lost)))
                 if self.lost_cb is not None:
                     await self.lost_cb(_ours(lost))
             if self.assigned_cb is not None:
-                await self.assigned_cb(_ours(self.held - self.released))
-            release = set(view.release) & self.held - self.releasing - self.released
+                await self.assigned_cb(_ours(self.holdings.active()))
             if release:
-                self.releasing |= release
                 task = asyncio.create_task(self._release(release))
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
@@ -361,21 +399,22 @@ class KafkaMembership:
         finally:
             self.joined.set()
             self.changed.set()
-        if self.told != self.changes:
+        # aiokafka forgets a rejoin asked for while a join is under way: each rebalance
+        # ends by asking again if the group is behind.
+        if self.holdings.behind:
             self._ask()
 
     async def _release(self, partitions: set[TP]) -> None:
         try:
             if self.release_cb is not None:
                 await self.release_cb(_ours(partitions))
-            self.released |= partitions & self.held
         except Exception as exc:
+            self.holdings.release_done(partitions, ok=False)
             self.failure = exc  # the owner raises it (a task is not awaited by anyone)
             self.changed.set()
             return
-        finally:
-            self.releasing -= partitions
-        self.rejoin()
+        self.holdings.release_done(partitions, ok=True)
+        self._ask()
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit, for the partitions still held; a commit refused because a rebalance is

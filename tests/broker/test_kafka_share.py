@@ -75,3 +75,69 @@ def test_a_member_on_another_spec_is_given_nothing_and_told_the_difference() -> 
     assert shares["old"].assigned == partitions and shares["old"].refused is None
     assert shares["new"].assigned == [] and shares["new"].refused == spec
     assert spec_difference(other, spec) == "differs in source 'logs'; has sink 'extra' which the others lack"
+
+
+# -- one member's bookkeeping through rebalances (runner/broker/kafka_groups.Holdings) -----
+
+
+@st.composite
+def histories(draw):
+    """Steps of a group's life: rounds (some members' releases finishing while the round's
+    metadata is on its way, so the leader works from older news), releases finishing
+    between rounds, members joining and dying."""
+    return draw(st.lists(st.tuples(st.sampled_from(["round", "release", "join", "die"]), st.integers(0, 7),
+                                   st.integers(0, 3)), min_size=1, max_size=40))
+
+
+def working(members: dict) -> list:
+    """What each live member works on: active, or still stopping (being released)."""
+    return [tp for h in members.values() for tp in h.active() | h.releasing]
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories())
+def test_no_partition_is_ever_worked_on_by_two_members_and_all_are_worked_on_in_the_end(history) -> None:
+    from runner.broker.kafka_groups import Holdings
+
+    partitions = [("t", p) for p in range(5)]
+    members: dict[str, Holdings] = {"m0": Holdings()}
+    pending: dict[str, set] = {}  # releases under way, per member
+    names = iter(f"m{i}" for i in range(1, 100))
+
+    def finish(m: str) -> None:
+        if pending.get(m):
+            members[m].release_done(pending.pop(m), ok=True)
+
+    def round_(late: int) -> None:
+        # Metadata goes out; then `late` members finish a release before the answer.
+        told = {m: (h.joining(), Member(h.owned()))[1] for m, h in members.items()}
+        for m in list(pending)[:late]:
+            finish(m)
+        shares = share(told, partitions)
+        for m, h in members.items():
+            _lost, release = h.assigned(set(shares[m].assigned), set(shares[m].release))
+            if release:
+                pending[m] = pending.get(m, set()) | release
+
+    for step, n, late in history:
+        if step == "round":
+            round_(late)
+        elif step == "release" and pending:
+            finish(sorted(pending)[n % len(pending)])
+        elif step == "join" and len(members) < 4:
+            members[next(names)] = Holdings()
+        elif step == "die" and len(members) > 1:
+            dead = sorted(members)[n % len(members)]
+            del members[dead]
+            pending.pop(dead, None)
+        held = working(members)
+        assert len(held) == len(set(held)), f"a partition worked on twice after {step}"
+    # Quiet again: releases finish, rounds go on until no member is behind.
+    for _ in range(4):
+        for m in list(pending):
+            finish(m)
+        round_(0)
+    held = sorted(working(members))
+    assert held == partitions
+    counts = [len(h.active()) for h in members.values()]
+    assert max(counts) - min(counts) <= 1
