@@ -31,7 +31,10 @@ is kept.
 
 Each worker count runs `--repeat` times (interleaved: 1, 2, 3, 1, 2, 3, ...); the table
 gives the median wall time, records/s (4 x lines / median) and the speed-up against 1
-worker measured in the same invocation. The target: 2 workers >= 1.5x 1 worker.
+worker measured in the same invocation. The target: 2 workers >= 1.5x 1 worker. It also
+gives the CPU seconds (user + system, from wait4 of the reaped children) of the `pipeline`
+processes and, separately, of the broker, and their sum over the wall time: on a 2-core
+machine a CPU/wall near 2 means the run was already using both cores.
 
 `--once-checks N` then runs the 2-worker and the 3-worker `--once` configuration N times
 each on `--once-lines` lines per file (default 20,000), reporting per run the exit codes,
@@ -45,6 +48,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -120,6 +124,8 @@ class Run:
     seconds: float
     codes: list[int]
     exits: list[float]  # seconds from start, per process
+    cpu: float = 0.0  # user + system seconds of the processes (and their children)
+    broker_cpu: float = 0.0  # Tansu's, from its start to its stop
     rows: int = 0
     covered: int = 0  # offsets 0.. covered without gaps, summed over partitions
     gaps: int = 0  # offsets missing below a partition's highest
@@ -164,6 +170,12 @@ def check(lake: Path, run: Run, count: int) -> None:
         run.problems.append(f"offset ranges cover {run.covered - run.gaps:,} records, expected {count:,}")
 
 
+def cpu_of_children() -> float:
+    """User + system seconds of this script's reaped children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(work: Path, name: str, logs: list[Path], workers: int, count: int, args) -> Run:
     directory = work / name
     directory.mkdir()
@@ -176,6 +188,7 @@ def measure(work: Path, name: str, logs: list[Path], workers: int, count: int, a
             broker=json.dumps(settings), schema=json.dumps(str(SCHEMA)), tasks=TASKS, paths=pattern))
         cmd = [PIPELINE, *(["--debug"] if args.debug else []), "run", "spec.yaml", "--once"]
         outs = [open(directory / f"w{i}.log", "w") for i in range(workers)]
+        before = cpu_of_children()
         start = time.perf_counter()
         procs = [subprocess.Popen(cmd, cwd=directory, stdout=outs[i], stderr=subprocess.STDOUT)
                  for i in range(workers)]
@@ -194,11 +207,13 @@ def measure(work: Path, name: str, logs: list[Path], workers: int, count: int, a
                 break
             time.sleep(0.01)
         seconds = max(exits)
+        cpu = cpu_of_children() - before
         for out in outs:
             out.close()
     finally:
         broker.stop()
-    run = Run(workers, seconds, [p.returncode for p in procs], exits, directory=directory)
+    run = Run(workers, seconds, [p.returncode for p in procs], exits, directory=directory,
+              cpu=cpu, broker_cpu=cpu_of_children() - before - cpu)
     if any(c != 0 for c in run.codes):
         run.problems.append(f"exit codes {run.codes}" + (" (killed at --timeout)" if seconds > args.timeout else ""))
     check(directory / "lake", run, count)
@@ -243,15 +258,19 @@ def main() -> int:
             runs[n].append(run)
             failed |= bool(run.problems)
             print(f"  {n} worker(s), run {r + 1}: {run.seconds:6.2f} s, exits {run.codes}, "
-                  f"first-to-last exit {run.spread:.2f} s, rows {run.rows:,}" + (" FAILED" if run.problems else ""))
+                  f"first-to-last exit {run.spread:.2f} s, rows {run.rows:,}, CPU s workers {run.cpu:.1f} + broker {run.broker_cpu:.1f}" + (" FAILED" if run.problems else ""))
 
     base = statistics.median(r.seconds for r in runs[counts[0]])
     print(f"\n{count:,} lines ({TASKS} files x {args.lines:,}, tasks: {TASKS}), median of {args.repeat}:")
-    print(f"{'workers':>8}{'median s':>10}{'min s':>8}{'max s':>8}{'records/s':>11}{'speed-up':>10}  runs (s)")
+    print(f"{'workers':>8}{'median s':>10}{'min s':>8}{'max s':>8}{'records/s':>11}{'speed-up':>10}"
+          f"{'CPU s':>8}{'broker CPU s':>14}{'CPU/wall':>10}  runs (s)")
     for n in counts:
         secs = [r.seconds for r in runs[n]]
         med = statistics.median(secs)
-        print(f"{n:>8}{med:>10.2f}{min(secs):>8.2f}{max(secs):>8.2f}{count / med:>11,.0f}{base / med:>9.2f}x  "
+        cpu = statistics.median(r.cpu for r in runs[n])
+        bcpu = statistics.median(r.broker_cpu for r in runs[n])
+        print(f"{n:>8}{med:>10.2f}{min(secs):>8.2f}{max(secs):>8.2f}{count / med:>11,.0f}{base / med:>9.2f}x"
+              f"{cpu:>8.1f}{bcpu:>14.1f}{(cpu + bcpu) / med:>10.2f}  "
               + ", ".join(f"{s:.2f}" for s in secs) + ("  (FAILED runs)" if any(r.problems for r in runs[n]) else ""))
     if 2 in runs and counts[0] == 1:
         ratio = base / statistics.median(r.seconds for r in runs[2])
