@@ -399,7 +399,8 @@ class Pipeline:
 
             async def process() -> None:
                 await processor_group.run()
-                for event in done.values():  # (--once on Kafka: those run elsewhere end there)
+                # (--once: every processor task has ended, wherever it ran; stopped: so is the run)
+                for event in done.values():
                     event.set()
 
             # Sinks run until stopped (or, with --once, until they have caught up with
@@ -546,7 +547,7 @@ class Pipeline:
         def slot(index: int, task: Task, ended: asyncio.Event) -> TaskSlot:
             return TaskSlot(p.name, index, lambda stop: ProcessorRunner(
                 p, inputs, output, broker, registry.schema_by_id, dead_letters, counters, stop, upstream_done,
-                found.time_is_timestamp, table=table, done=ended, task=task))
+                found.time_is_timestamp, table=table, done=ended, task=task), ended=ended)
 
         written = {q.output for q in self.spec.processors}
         if not keyed_by_group(p, {name: t.key for name, t in self.spec.topics.items()}, written):

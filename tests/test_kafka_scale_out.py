@@ -26,6 +26,16 @@ SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
 FILE = re.compile(r"^activity\+(\d+)\+(\d{20})\+(\d{20})(?:\+(\d+)of(\d+))?\.parquet$")
 
 
+# (follows the spec's sinks: one more sink, then the processors)
+CHAINED = """\
+  - {name: hosts-lake, connector: parquet, topics: [per-host], config: {path: hosts, partition_by: window_start}}
+processors:
+  - {name: gets, from: activity, to: gets, where: "method == 'GET'"}
+  - {name: hosts, from: gets, to: per-host, key: [remote_host], time: timestamp, window: {tumbling: 1h},
+     grace: 30d, aggregate: {views: count()}}
+"""
+
+
 def write_logs(root: Path, files: int, lines: int) -> None:
     for i in range(files):
         subprocess.run(
@@ -35,7 +45,7 @@ def write_logs(root: Path, files: int, lines: int) -> None:
         )
 
 
-def spec(kafka: Tansu, *, tasks: int = 4, batch_size: int = 5000) -> str:
+def spec(kafka: Tansu, *, tasks: int = 4, batch_size: int = 5000, extra: str = "") -> str:
     broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
     return f"""\
 name: scale
@@ -47,7 +57,7 @@ sources:
      config: {{paths: ["logs/*/access.log"], format: http_log, batch_size: {batch_size}}}}}
 sinks:
   - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake}}}}
-"""
+{extra}"""
 
 
 def start(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
@@ -82,7 +92,10 @@ def test_two_workers_with_once_split_the_files_and_end_together_with_everything_
         tmp_path: Path, kafka: Tansu) -> None:
     lines = 20_000
     write_logs(tmp_path, 4, lines)
-    (tmp_path / "scale.yaml").write_text(spec(kafka))
+    # Two processors, one feeding the other (their tasks shared too): each ends when the
+    # group knows what feeds it ended, wherever that ran.
+    (tmp_path / "scale.yaml").write_text(spec(kafka, extra=CHAINED).replace(
+        "topics:\n", "topics:\n  gets: {partitions: 2}\n  per-host: {partitions: 4}\n", 1))
     workers = [start(tmp_path, f"w{i}", "--once") for i in range(2)]
     try:
         codes = [w.wait(120) for w in workers]
@@ -94,6 +107,11 @@ def test_two_workers_with_once_split_the_files_and_end_together_with_everything_
     logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], [log[-3000:] for log in logs]
     check_exactly_once(tmp_path / "lake", 4 * lines)
+    db = duckdb.connect()
+    gets = db.execute(f"select count(*) from read_parquet('{tmp_path}/lake/activity/**/*.parquet') "
+                      "where method = 'GET'").fetchone()[0]
+    views = db.execute(f"select sum(views) from read_parquet('{tmp_path}/hosts/**/*.parquet')").fetchone()[0]
+    assert 0 < gets == views
     # Both took part: each ran some of the four file tasks, or some sink partitions.
     for log in logs:
         assert re.search(r"logs: task \d started here", log) or re.search(r"lake: (assigned|took) activity", log)

@@ -25,6 +25,9 @@ class TaskSlot:
     source: str  # the source's or processor's name
     index: int
     runner: Callable[[asyncio.Event], SourceRunner | ScheduledRunner | ProcessorRunner]
+    # (--once) set when the task has ended, here or (Kafka) in whichever process ran it:
+    # what reads its output waits for it.
+    ended: asyncio.Event | None = None
 
 
 class WorkerGroup:
@@ -121,13 +124,21 @@ class WorkerGroup:
                 self.done.add(i)
                 ended = True
                 log.info("%s: task %d ended here", self.slots[i].source, self.slots[i].index)
-        self.done |= set(member.view.done) if self.once else set()
+        if self.once:
+            self.done |= set(member.view.done)
+            self._tell_ended()
         if ended:
             member.rejoin()
+
+    def _tell_ended(self) -> None:
+        for i in self.done:
+            if self.slots[i].ended is not None:
+                self.slots[i].ended.set()
 
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
         if self.once and self.member is not None:
             self.done |= set(self.member.view.done)
+            self._tell_ended()
         for tp in partitions:
             if tp.partition not in self.running and tp.partition not in self.done:
                 slot = self.slots[tp.partition]
