@@ -297,13 +297,13 @@ class SinkTask:
        start from the consumer group's committed offsets, or a dict
        `{TopicPartition: next_offset}` for sinks that keep their own position in their
        output (exactly-once sinks). On Kafka, when another process of the pipeline joins
-       or leaves the consumer group, only the partitions that change hands move: before
-       giving some up the engine calls `flush` (and commits), then `open` with the
-       partitions that remain; on gaining some it calls `open` with the whole new
-       assignment (kept ones included: keep what you hold for them; only the resume
-       offsets you return for the new ones are used). Drop whatever is still held for
-       partitions not in the list, and write nothing more for them (their new owner reads
-       them again from the committed offset, or from your output's position).
+       or leaves the consumer group, only the partitions that change hands move. To give
+       some up, or take some, the engine holds the flow, calls `flush` (and commits), then
+       `open` with the partitions it has from now on; each listed partition resumes from
+       the offset you return for it (or the group's commit), so you may drop what you hold
+       unflushed for any of them. Drop whatever is still held for partitions not in the
+       list, and write nothing more for them (their new owner reads them again from the
+       committed offset, or from your output's position).
     2. `put(batch)` — repeatedly, one topic-partition per batch, in offset order. Buffer
        or write; nothing needs to be durable yet. Return `RecordError`s for records that
        cannot be written (they follow the error policy), or None.

@@ -24,8 +24,8 @@ SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
 FILE = re.compile(r"^activity\+(\d+)\+(\d{20})\+(\d{20})(?:\+(\d+)of(\d+))?\.parquet$")
 
 
-def broker(kafka: Tansu) -> str:
-    return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
+def broker(kafka: Tansu, **consumer) -> str:
+    return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": {**CONSUMER, **consumer}}})
 
 
 @pytest.mark.slow
@@ -47,9 +47,11 @@ sources:
 """)
     filled = run_cli("run", tmp_path / "fill.yaml", "--once", timeout=120)
     assert filled.returncode == 0, filled.stderr
+    # Small fetches slow the sinks down, so the kill below lands while they still write
+    # however fast the machine is.
     (tmp_path / "lake.yaml").write_text(f"""\
 name: lake
-broker: {broker(kafka)}
+broker: {broker(kafka, max_partition_fetch_bytes=16384)}
 topics:
   activity: {{partitions: 6, schema: {SCHEMA}, key: remote_host}}
 sinks:
@@ -118,3 +120,79 @@ sinks:
     second_log = (tmp_path / "second.log").read_text()
     held = {int(p) for line in re.findall(r"lake: (?:assigned|took) (.*)", second_log) for p in re.findall(r"activity\[(\d)\]", line)}
     assert held == set(range(6)), "the second process took over every partition after the kill"
+
+
+@pytest.mark.slow
+def test_a_process_giving_partitions_up_writes_the_ones_it_keeps_without_a_gap(tmp_path: Path, kafka: Tansu) -> None:
+    """The parquet sink reopens every partition it is given (dropping rows held in open
+    files): after giving half up, the process must read its kept partitions again from
+    where their files end. (It used to go on from where it was: the held rows were lost.)"""
+    count = 200_000
+    subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "generate_access_logs.py"), "--lines", str(count),
+         "--out", str(tmp_path / "logs"), "--rotate", "0", "--malformed-every", "0", "--seed", "5"],
+        check=True,
+    )
+    (tmp_path / "fill.yaml").write_text(f"""\
+name: fill
+broker: {broker(kafka)}
+topics:
+  activity: {{partitions: 4, schema: {SCHEMA}, key: remote_host}}
+sources:
+  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log"]}}}}
+""")
+    assert run_cli("run", tmp_path / "fill.yaml", "--once", timeout=120).returncode == 0
+    # Files of 8,000 rows, slow fetches: when the second process joins, the first holds
+    # rows of every partition in open files.
+    (tmp_path / "lake.yaml").write_text(f"""\
+name: lake
+broker: {broker(kafka, max_partition_fetch_bytes=4096)}
+topics:
+  activity: {{partitions: 4, schema: {SCHEMA}, key: remote_host}}
+sinks:
+  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, rotate_records: 8000, max_open_seconds: 5}}}}
+""")
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([pipeline_exe(), "--debug", "run", str(tmp_path / "lake.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "w"))
+
+    def lag() -> int:
+        shown = run_cli("offsets", tmp_path / "lake.yaml", "--json")
+        return sum(p["lag"] for sink in json.loads(shown.stdout)["sinks"] for p in sink["partitions"])
+
+    def wait(until, seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while not until():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.3)
+
+    first = start("first")
+    second = None
+    try:
+        wait(lambda: "lake: assigned activity" in (tmp_path / "first.log").read_text(), 60, "first assigned")
+        second = start("second")
+        wait(lambda: "lake: gave up" in (tmp_path / "first.log").read_text(), 60, "first gave up")
+        wait(lambda: "lake: took" in (tmp_path / "second.log").read_text(), 60, "second took")
+        wait(lambda: lag() == 0, 120, "everything committed")
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+        assert [first.wait(30), second.wait(30)] == [0, 0]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    ranges: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for f in (tmp_path / "lake").rglob("*.parquet"):
+        m = FILE.match(f.name)
+        assert m, f.name
+        ranges[int(m.group(1))].add((int(m.group(2)), int(m.group(3))))
+    total = 0
+    for partition, spans in sorted(ranges.items()):
+        expected_first = 0
+        for first_offset, last_offset in sorted(spans):
+            assert first_offset == expected_first, (partition, sorted(spans))
+            expected_first = last_offset + 1
+        total += expected_first
+    assert total == count

@@ -104,8 +104,8 @@ class Consumer(Protocol):
         """Rebalances are incremental: `revoked(partitions)` is called when the group
         asks this member to give these up (they are still held until it returns: commit
         what was put of them), `assigned(partitions)` (the whole assignment, kept and
-        gained) after a rebalance that gave it new ones; what is kept is read on from where
-        it was. None removes them. A broker without rebalances (embedded: one process)
+        gained) after a rebalance; a gained partition starts at the group's commit, a kept
+        one reads on from where it was (unless sought). None removes them. A broker without rebalances (embedded: one process)
         never calls them."""
         ...
 

@@ -442,7 +442,8 @@ class KafkaMembership:
             task.cancel()
         if self._asking is not None:
             self._asking.cancel()
-        await asyncio.sleep(max(0.0, self.settled_at - asyncio.get_running_loop().time()))
+        if len(self.view.members) > 1:  # (alone: no follower's SyncGroup to wait for)
+            await asyncio.sleep(max(0.0, self.settled_at - asyncio.get_running_loop().time()))
         try:
             await self.consumer.stop()
         except Exception:

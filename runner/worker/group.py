@@ -91,8 +91,10 @@ class WorkerGroup:
             while not self.stop.is_set():
                 self._check(member)
                 # Ended when the group says so: every process learns it in the same
-                # rebalance, and none starts again a task another saw end.
-                if self.once and len(set(member.view.done)) == len(self.slots):
+                # rebalance, and none starts again a task another saw end. (Alone in the
+                # group, what ended here is all there is to know.)
+                alone = len(member.view.members) <= 1
+                if self.once and len(set(member.view.done) if not alone else self.done) == len(self.slots):
                     break
                 member.changed.clear()
                 waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(member.changed.wait())}
@@ -127,7 +129,7 @@ class WorkerGroup:
         if self.once:
             self.done |= set(member.view.done)
             self._tell_ended()
-        if ended:
+        if ended and len(member.view.members) > 1:  # (alone: nobody to tell)
             member.rejoin()
 
     def _tell_ended(self) -> None:

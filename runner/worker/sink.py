@@ -7,8 +7,9 @@ Between fetch and put sits a small bounded queue, so reading overlaps writing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,10 @@ class SinkRunner:
     async def _run(self) -> None:
         consumer = await self.broker.consumer(self.group, list(self.topics))
         queue: asyncio.Queue[_Fetched | None] = asyncio.Queue(QUEUE_BATCHES)
-        self._consumer = consumer
+        self._consumer, self._queue = consumer, queue
+        # A rebalance's change holds the flow (`_still`): the fetch loop parks at the gate.
+        self._gate, self._parked, self._changing = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self._gate.set()
         # What the put half has done since the last flush; shared with the rebalance
         # callbacks, which run between two puts (the lock).
         self._positions: dict[TopicPartition, int] = {}  # put since the last flush
@@ -113,36 +117,56 @@ class SinkRunner:
                 await consumer.close()
 
     # A consumer-group rebalance (Kafka: another process of the pipeline joined or left).
-    # Rebalances are incremental: what this process keeps goes on being read and put
-    # without a pause. A partition to be given up is put, flushed and committed as far as
-    # it was put, and the task let go of it, before its new owner gets it, who reads it
-    # again from the committed offset. A partition gained is opened and read from the
-    # group's commits (or the sink's own offsets).
+    # Rebalances are incremental: only the partitions that change hands move, and the
+    # sink goes on with the rest after a short pause. Sinks reopen every partition they
+    # are given in `open` (dropping what they held unflushed), so a change is applied on a
+    # still pipeline: fetching parks, what was fetched is put, everything is flushed and
+    # committed, `open` gets the new set, and every partition starts again where the sink
+    # says its output ends (or, for a partition gained, where the group committed). A
+    # partition given up is read again by its new owner from what is committed here.
 
     async def _revoked(self, partitions: list[TopicPartition]) -> None:
-        # No more batches of these are put (queued ones are dropped: their new owner
-        # reads them again from what is committed here).
-        self._assigned.difference_update(partitions)
-        async with self._lock:
+        async with self._still():
+            self._assigned.difference_update(partitions)
             await self._flush(self._consumer)
             for tp in partitions:
                 self._put_to.pop(tp, None)
                 self._put_end.pop(tp, None)
             # The task lets go of them now: nothing of theirs may be written once their
             # new owner can have them.
-            await self.task.open(sorted(self._assigned))
+            await self._resume(self._consumer, await self.task.open(sorted(self._assigned)) or {})
         log.info("%s: gave up %s in a rebalance", self.name, ", ".join(map(str, partitions)))
 
     async def _assigned_again(self, partitions: list[TopicPartition]) -> None:
         gained = set(partitions) - self._assigned
         if not gained:
             return
-        async with self._lock:
+        async with self._still():
+            await self._flush(self._consumer)
             self._assigned |= gained
-            resume = await self.task.open(sorted(self._assigned))
-            await self._resume(self._consumer, {tp: off for tp, off in (resume or {}).items() if tp in gained})
+            resume = await self.task.open(sorted(self._assigned)) or {}
+            # A gained partition without the sink's own offset starts at the group's
+            # commit (what was fetched of it before it was ours here is dropped).
+            for topic in {tp.topic for tp in gained if tp not in resume}:
+                committed = await self.broker.committed(self.group, topic)
+                resume.update({tp: committed.get(tp.partition, 0) for tp in gained if tp.topic == topic})
+            await self._resume(self._consumer, resume)
         log.info("%s: took %s in a rebalance (now %s)", self.name, ", ".join(map(str, sorted(gained))),
                  ", ".join(map(str, sorted(self._assigned))))
+
+    @contextlib.asynccontextmanager
+    async def _still(self) -> AsyncIterator[None]:
+        """Hold the flow while a rebalance's change is applied: fetching parks, what was
+        fetched is put, and nothing else runs the task meanwhile."""
+        async with self._changing:
+            self._gate.clear()
+            try:
+                await self._parked.wait()
+                await self._queue.join()
+                async with self._lock:
+                    yield
+            finally:
+                self._gate.set()
 
     async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
         """Start where the sink says its output ends, if it keeps its own offsets."""
@@ -164,7 +188,18 @@ class SinkRunner:
         # (--once) Where each partition ended when everything upstream had ended; a
         # partition taken over later (Kafka: from a process that finished) gets its own.
         targets: dict[TopicPartition, int] = {}
+        try:
+            await self._fetch_until_done(consumer, queue, targets)
+        finally:
+            self._parked.set()  # (a change waiting for the loop to park goes on)
+
+    async def _fetch_until_done(self, consumer: Any, queue: asyncio.Queue[_Fetched | None],
+                                targets: dict[TopicPartition, int]) -> None:
         while not self.stop.is_set():
+            if not self._gate.is_set():
+                self._parked.set()
+                await self._gate.wait()
+                self._parked.clear()
             if self.sources_done is not None and self.sources_done.is_set():
                 assigned = sorted(self._assigned)
                 targets.update(await self._end_offsets([tp for tp in assigned if tp not in targets]))
