@@ -160,6 +160,7 @@ class SinkRunner:
         fetched is put, and nothing else runs the task meanwhile."""
         async with self._changing:
             self._gate.clear()
+            held = time.monotonic()
             try:
                 await self._parked.wait()
                 await self._queue.join()
@@ -167,6 +168,7 @@ class SinkRunner:
                     yield
             finally:
                 self._gate.set()
+                log.info("%s: held the flow %.0f ms for a rebalance", self.name, (time.monotonic() - held) * 1000)
 
     async def _resume(self, consumer: Any, resume: dict[TopicPartition, int]) -> None:
         """Start where the sink says its output ends, if it keeps its own offsets."""
