@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import duckdb
@@ -18,44 +17,49 @@ import pytest
 
 from tests.conftest import pipeline_exe, run_cli
 from tests.kafka_broker import CONSUMER, Tansu
+from tests.test_kafka_scale_out import check_exactly_once
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
-FILE = re.compile(r"^activity\+(\d+)\+(\d{20})\+(\d{20})(?:\+(\d+)of(\d+))?\.parquet$")
 
 
 def broker(kafka: Tansu, **consumer) -> str:
     return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": {**CONSUMER, **consumer}}})
 
 
-@pytest.mark.slow
-def test_two_processes_share_partitions_and_one_takes_over_after_kill_9(tmp_path: Path, kafka: Tansu) -> None:
-    count = 300_000  # enough that the first member is still writing when the second joins (~3 s on Tansu)
+def fill(tmp_path: Path, kafka: Tansu, count: int, partitions: int, seed: int) -> None:
+    """An access log of `count` lines in the topic `activity` (a spec of its own, run once)."""
     subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "generate_access_logs.py"), "--lines", str(count),
-         "--out", str(tmp_path / "logs"), "--rotate", "0", "--malformed-every", "0", "--seed", "4"],
+         "--out", str(tmp_path / "logs"), "--rotate", "0", "--malformed-every", "0", "--seed", str(seed)],
         check=True,
     )
-    # One spec fills the 6-partition topic; the other, run twice at once, lands it in Parquet.
     (tmp_path / "fill.yaml").write_text(f"""\
 name: fill
 broker: {broker(kafka)}
 topics:
-  activity: {{partitions: 6, schema: {SCHEMA}, key: remote_host}}
+  activity: {{partitions: {partitions}, schema: {SCHEMA}, key: remote_host}}
 sources:
   - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log"]}}}}
 """)
     filled = run_cli("run", tmp_path / "fill.yaml", "--once", timeout=120)
     assert filled.returncode == 0, filled.stderr
-    # Small fetches slow the sinks down, so the kill below lands while they still write
-    # however fast the machine is.
+
+
+@pytest.mark.slow
+def test_two_processes_share_partitions_and_one_takes_over_after_kill_9(tmp_path: Path, kafka: Tansu) -> None:
+    count = 300_000  # enough that the first member is still writing when the second joins (~3 s on Tansu)
+    # One spec fills the 6-partition topic; the other, run twice at once, lands it in Parquet.
+    fill(tmp_path, kafka, count, partitions=6, seed=4)
+    # Small fetches and files of 500 rows slow the sinks down, so that the kill below
+    # lands while they still write.
     (tmp_path / "lake.yaml").write_text(f"""\
 name: lake
 broker: {broker(kafka, max_partition_fetch_bytes=16384)}
 topics:
   activity: {{partitions: 6, schema: {SCHEMA}, key: remote_host}}
 sinks:
-  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, rotate_records: 2000, max_open_seconds: 0}}}}
+  - {{name: lake, connector: parquet, topics: [activity], config: {{path: lake, rotate_records: 500, max_open_seconds: 0}}}}
 """)
 
     def start(name: str) -> subprocess.Popen:
@@ -102,20 +106,7 @@ sinks:
     assert 0 < killed_at < count, "the kill should land mid-run"
     assert landed() == count
     # Exactly once, per partition: the files' offset ranges tile 0..end with no gap or overlap.
-    ranges: dict[int, set[tuple[int, int]]] = defaultdict(set)
-    for f in (tmp_path / "lake").rglob("*.parquet"):
-        m = FILE.match(f.name)
-        assert m, f.name
-        ranges[int(m.group(1))].add((int(m.group(2)), int(m.group(3))))
-    assert sorted(ranges) == list(range(6))
-    total = 0
-    for partition, spans in ranges.items():
-        expected_first = 0
-        for first_offset, last_offset in sorted(spans):
-            assert first_offset == expected_first, (partition, sorted(spans))
-            expected_first = last_offset + 1
-        total += expected_first
-    assert total == count
+    assert check_exactly_once(tmp_path / "lake", count) == list(range(6))
     assert not list((tmp_path / "lake").rglob("*.tmp"))
     second_log = (tmp_path / "second.log").read_text()
     held = {int(p) for line in re.findall(r"lake: (?:assigned|took) (.*)", second_log) for p in re.findall(r"activity\[(\d)\]", line)}
@@ -128,20 +119,7 @@ def test_a_process_giving_partitions_up_writes_the_ones_it_keeps_without_a_gap(t
     files): after giving half up, the process must read its kept partitions again from
     where their files end. (It used to go on from where it was: the held rows were lost.)"""
     count = 200_000
-    subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "generate_access_logs.py"), "--lines", str(count),
-         "--out", str(tmp_path / "logs"), "--rotate", "0", "--malformed-every", "0", "--seed", "5"],
-        check=True,
-    )
-    (tmp_path / "fill.yaml").write_text(f"""\
-name: fill
-broker: {broker(kafka)}
-topics:
-  activity: {{partitions: 4, schema: {SCHEMA}, key: remote_host}}
-sources:
-  - {{name: logs, connector: http_log, topic: activity, config: {{paths: ["logs/access.log"]}}}}
-""")
-    assert run_cli("run", tmp_path / "fill.yaml", "--once", timeout=120).returncode == 0
+    fill(tmp_path, kafka, count, partitions=4, seed=5)
     # Files of 8,000 rows, slow fetches: when the second process joins, the first holds
     # rows of every partition in open files.
     (tmp_path / "lake.yaml").write_text(f"""\
@@ -183,16 +161,4 @@ sinks:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    ranges: dict[int, set[tuple[int, int]]] = defaultdict(set)
-    for f in (tmp_path / "lake").rglob("*.parquet"):
-        m = FILE.match(f.name)
-        assert m, f.name
-        ranges[int(m.group(1))].add((int(m.group(2)), int(m.group(3))))
-    total = 0
-    for partition, spans in sorted(ranges.items()):
-        expected_first = 0
-        for first_offset, last_offset in sorted(spans):
-            assert first_offset == expected_first, (partition, sorted(spans))
-            expected_first = last_offset + 1
-        total += expected_first
-    assert total == count
+    check_exactly_once(tmp_path / "lake", count)

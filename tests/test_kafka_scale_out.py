@@ -67,9 +67,9 @@ def start(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
     )
 
 
-def check_exactly_once(lake: Path, count: int) -> None:
+def check_exactly_once(lake: Path, count: int) -> list[int]:
     """Every record once: the Parquet files' offset ranges tile each partition from 0,
-    and DuckDB reads `count` rows."""
+    and DuckDB reads `count` rows. Returns the partitions found."""
     ranges: dict[int, set[tuple[int, int]]] = defaultdict(set)  # (a flush over two hours: two parts, one range)
     for f in lake.rglob("*.parquet"):
         m = FILE.match(f.name)
@@ -85,6 +85,7 @@ def check_exactly_once(lake: Path, count: int) -> None:
     assert total == count
     rows = duckdb.connect().execute(f"select count(*) from read_parquet('{lake}/**/*.parquet')").fetchone()[0]
     assert rows == count
+    return sorted(ranges)
 
 
 @pytest.mark.slow
