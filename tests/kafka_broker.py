@@ -20,6 +20,10 @@ from pathlib import Path
 import pytest
 
 CONSUMER = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
+# For tests whose subject is the rounds themselves (several processes joining, leaving,
+# ending): Tansu answers each round after half the session timeout, so a shorter session
+# keeps them short. Not for tests that time a broker outage against the session.
+QUICK_ROUNDS = {"session_timeout_ms": 4000, "heartbeat_interval_ms": 400}
 
 # What Tansu prints once it listens, and when its port was taken after `free_port` chose it.
 READY, PORT_TAKEN = "ready in ", "AddrInUse"

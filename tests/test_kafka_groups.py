@@ -16,7 +16,7 @@ import duckdb
 import pytest
 
 from tests.conftest import pipeline_exe, run_cli
-from tests.kafka_broker import CONSUMER, Tansu
+from tests.kafka_broker import QUICK_ROUNDS, Tansu
 from tests.test_kafka_scale_out import check_exactly_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
 
 
 def broker(kafka: Tansu, **consumer) -> str:
-    return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": {**CONSUMER, **consumer}}})
+    return json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": {**QUICK_ROUNDS, **consumer}}})
 
 
 def fill(tmp_path: Path, kafka: Tansu, count: int, partitions: int, seed: int) -> None:

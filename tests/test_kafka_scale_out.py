@@ -19,7 +19,7 @@ import duckdb
 import pytest
 
 from tests.conftest import pipeline_exe
-from tests.kafka_broker import CONSUMER, Tansu
+from tests.kafka_broker import QUICK_ROUNDS, Tansu
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
@@ -46,7 +46,7 @@ def write_logs(root: Path, files: int, lines: int) -> None:
 
 
 def spec(kafka: Tansu, *, tasks: int = 4, batch_size: int = 5000, extra: str = "") -> str:
-    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
+    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": QUICK_ROUNDS}})
     return f"""\
 name: scale
 broker: {broker}
