@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import pipeline_exe, run_cli
-from tests.kafka_broker import CONSUMER, Tansu
+from tests.kafka_broker import QUICK_ROUNDS, Tansu
 
 MINUTE = 60_000
 PAGES = ["/", "/a", "/b", "/c", "/d", "/e"]
-ROUNDS, MINUTES_PER_ROUND, PER_MINUTE = 8, 30, 150  # records per page and minute
+ROUNDS, MINUTES_PER_ROUND, PER_MINUTE = 6, 30, 150  # records per page and minute
 
 
 def _spec(tmp_path: Path, kafka: Tansu, name: str, body: str) -> Path:
@@ -31,7 +31,7 @@ def _spec(tmp_path: Path, kafka: Tansu, name: str, body: str) -> Path:
         {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
         {"name": "size", "type": "long"},
     ]}))
-    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
+    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": QUICK_ROUNDS}})
     spec = tmp_path / f"{name}.yaml"
     spec.write_text(f"name: {name}\nbroker: {broker}\n" + body)
     return spec

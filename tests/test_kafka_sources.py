@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import pipeline_exe, run_cli
-from tests.kafka_broker import CONSUMER, Tansu
+from tests.kafka_broker import QUICK_ROUNDS, Tansu
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.dumps(str(REPO / "pipelines" / "schemas" / "activity.avsc"))
@@ -85,7 +85,7 @@ def test_the_source_task_moves_to_the_other_process_after_kill_9_and_every_line_
     expected = Counter(LINE.match(line).groups() for line in well_formed)
     bad = count // malformed_every
     good = count - bad
-    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": CONSUMER}})
+    broker = json.dumps({"kafka": {"bootstrap_servers": kafka.bootstrap, "consumer": QUICK_ROUNDS}})
     # The activity-tracking job: one source task and one sink, run by two processes at once.
     (tmp_path / "spec.yaml").write_text(f"""\
 name: shared
