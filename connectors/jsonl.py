@@ -62,6 +62,8 @@ class JsonlSource(Source):
 
 
 class JsonlSourceTask(SourceTask):
+    read_ahead = True  # reading files changes nothing outside the task
+
     def __init__(self, config: Any, resolve: Any) -> None:
         self.config = config
         self.patterns = [str(resolve(p)) for p in config.paths]

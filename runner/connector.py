@@ -216,7 +216,18 @@ class SourceTask:
     4. `close()` — once, always, whether the run ended cleanly, failed, or was stopped.
        Release what `open` took. No `poll` follows. It may come without `open` (the run
        failed before the task was opened): release only what exists.
+
+    Reading ahead: on Kafka a process learns which source tasks it runs only when its
+    group's first round ends, a few seconds after it starts. A task whose class sets
+    `read_ahead = True` is opened and polled meanwhile, the batches kept in memory and
+    nothing written; if the process then runs the task from the same stored offsets, it
+    goes on with them, and otherwise the task is closed (a new one runs, or none). Set it
+    only when `open` and `poll` change nothing outside the task (reading files: yes;
+    taking messages off a queue or advancing a server-side cursor: no).
     """
+
+    #: May `open` and `poll` run before this process knows it runs the task? See above.
+    read_ahead: ClassVar[bool] = False
 
     async def open(self, offsets: dict[str, Any]) -> None:
         return None

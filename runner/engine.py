@@ -502,7 +502,8 @@ class Pipeline:
                     writer = broker.source_writer(entry.name, index, [entry.topic, *routes, *writes])
                     task = source.tasks()[index]
                     return SourceRunner(entry.name, task, topics[entry.topic], writer, dead_letters, counters, stop,
-                                        chain=chain, routes={t: topics[t] for t in routes}, index=index)
+                                        chain=chain, routes={t: topics[t] for t in routes}, index=index,
+                                        fresh_task=lambda: source.tasks()[index])
 
                 if entry.schedule is not None:
                     assert self.history is not None

@@ -118,6 +118,9 @@ def test_two_workers_with_once_split_the_files_and_end_together_with_everything_
         assert re.search(r"logs: task \d started here", log) or re.search(r"lake: (assigned|took) activity", log)
     started = [int(i) for log in logs for i in re.findall(r"logs: task (\d) started here", log)]
     assert set(started) == {0, 1, 2, 3}
+    # The first to find the group empty read its tasks ahead while the group formed, and
+    # kept what it read for the tasks it was given (the rest thrown away: nothing doubled).
+    assert re.search(r"logs: task \d read [\d,]+ record\(s\) ahead", logs[0] + logs[1])
     # Who runs what is logged at each assignment, naming every process.
     assert re.search(r"source-tasks: \S+ runs logs/\d.*; \S+ runs", logs[0] + logs[1])
 

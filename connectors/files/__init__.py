@@ -266,6 +266,8 @@ class FilesSource(Source):
 
 
 class FilesSourceTask(SourceTask):
+    read_ahead = True  # reading files changes nothing outside the task
+
     def __init__(self, config: Any, context: Any, settings: Settings, share: tuple[int, int] = (0, 1)) -> None:
         self.config = config
         self.settings = settings

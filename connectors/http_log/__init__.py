@@ -187,6 +187,8 @@ class HttpLogSource(Source):
 
 
 class HttpLogSourceTask(SourceTask):
+    read_ahead = True  # reading files changes nothing outside the task
+
     def __init__(self, config: Any, patterns: list[str], format: LogFormat, share: tuple[int, int] = (0, 1)) -> None:
         self.config = config
         self.format = format

@@ -127,6 +127,11 @@ class SourceWriter(Protocol):
         putting right what a crash of this task's previous run left half done."""
         ...
 
+    async def stored(self) -> dict[str, Any]:
+        """The source connector's stored offsets as they stand, changing nothing: what a
+        task reading ahead (before this process knows it runs the task) starts from."""
+        ...
+
     async def produce(self, batches: list[ProduceBatch], offsets: dict[str, Any]) -> None:
         """Append the batches (records in the order the source gave them, per partition)
         and store `offsets` (where the source stands after them; may be empty). On return

@@ -757,6 +757,9 @@ class EmbeddedSourceWriter:
     async def open(self) -> dict[str, Any]:
         return await self.broker.source_offsets(self.connector)
 
+    async def stored(self) -> dict[str, Any]:
+        return await self.broker.source_offsets(self.connector)
+
     async def produce(self, batches: list[ProduceBatch], offsets: dict[str, Any]) -> None:
         commit = SourceOffsetCommit(self.connector, offsets) if offsets else None
         await self.broker.produce(batches, commit)

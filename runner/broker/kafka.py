@@ -577,6 +577,17 @@ class KafkaBroker:
 
         return KafkaMembership(group, topics, settings, full_note)
 
+    async def group_is_empty(self, group: str) -> bool:
+        """True when `group` has no member now (a new group, or all left): the first to
+        join will wait out the broker's first round alone. False when unsure."""
+        assert self._admin is not None
+        try:
+            described = await self._admin.describe_consumer_groups([group])
+            # Raw responses: a group is (error_code, group, state, protocol_type, protocol, members).
+            return all(g[0] == 0 and not g[5] for response in described for g in response.groups)
+        except Exception:  # a broker that does not describe groups: assume company
+            return False
+
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         # Through a consumer of the group that does not join it (OffsetFetch), which every
         # Kafka-protocol broker answers; the admin client's variant is not understood by all.

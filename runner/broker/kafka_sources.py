@@ -98,6 +98,9 @@ class KafkaSourceWriter:
             )
         return offsets
 
+    async def stored(self) -> dict[str, Any]:
+        return (await self.broker.source_state(self.connector))[0]
+
     async def produce(self, batches: list[ProduceBatch], offsets: dict[str, Any]) -> None:
         if self.recount:
             await self._count()

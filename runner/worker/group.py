@@ -45,6 +45,11 @@ class WorkerGroup:
     processor: and its state); the other tasks run on. A process that ends leaves the
     group at once; one killed outright loses its tasks when its session times out.
 
+    A process that finds the group empty (it starts the pipeline, alone or with others at
+    once) has its source tasks read ahead while it waits out the first round
+    (`SourceRunner.read_ahead`); the tasks it is then given go on from there, the others
+    are closed.
+
     With `once`, `run` returns when every task of the group has ended, wherever it ran:
     a process tells the group which tasks it saw end (its member note, read at each
     rebalance, and it asks for one when a task of its own ends), and a task the group
@@ -62,6 +67,8 @@ class WorkerGroup:
         self.running: dict[int, tuple[asyncio.Event, asyncio.Task]] = {}
         self.done: set[int] = set()  # tasks known to have ended (--once): here, or told by the group
         self.member: Any = None  # (Kafka) this process in the group, once `run` joined it
+        self.ahead: dict[int, tuple[asyncio.Event, SourceRunner]] = {}  # tasks reading ahead
+        self.dropped: list[asyncio.Task] = []  # closing the tasks that read ahead in vain
 
     @property
     def control_topic(self) -> str:
@@ -87,6 +94,8 @@ class WorkerGroup:
         self.member = member = self.broker.membership(topic, [topic], self._note)
         member.release_cb, member.assigned_cb, member.lost_cb = self._release, self._assigned, self._release
         try:
+            if await self.broker.group_is_empty(topic):
+                self._read_ahead()
             await member.start()
             while not self.stop.is_set():
                 self._check(member)
@@ -104,8 +113,23 @@ class WorkerGroup:
                     w.cancel()
         finally:
             member.release_cb = member.assigned_cb = member.lost_cb = None
+            self._drop_ahead()
             await self._stop(list(self.running))
             await member.close()
+            await asyncio.gather(*self.dropped)
+
+    def _read_ahead(self) -> None:
+        for i, slot in enumerate(self.slots):
+            stop = asyncio.Event()
+            runner = slot.runner(stop)
+            if isinstance(runner, SourceRunner) and runner.can_read_ahead:
+                runner.read_ahead()
+                self.ahead[i] = (stop, runner)
+
+    def _drop_ahead(self) -> None:
+        for _, runner in self.ahead.values():
+            self.dropped.append(asyncio.create_task(runner.discard()))
+        self.ahead.clear()
 
     def _note(self) -> dict:
         return {"done": sorted(self.done)} if self.once else {}
@@ -144,11 +168,17 @@ class WorkerGroup:
         for tp in partitions:
             if tp.partition not in self.running and tp.partition not in self.done:
                 slot = self.slots[tp.partition]
-                stop = asyncio.Event()
-                self.running[tp.partition] = (stop, asyncio.create_task(slot.runner(stop).run()))
+                stop, runner = self.ahead.pop(tp.partition, None) or self._fresh(slot)
+                self.running[tp.partition] = (stop, asyncio.create_task(runner.run()))
                 log.info("%s: task %d started here", slot.source, slot.index)
+        self._drop_ahead()  # the first round is over: the others run elsewhere
         if self.member is not None:
             self._log_assignment()
+
+    @staticmethod
+    def _fresh(slot: TaskSlot) -> tuple[asyncio.Event, Any]:
+        stop = asyncio.Event()
+        return stop, slot.runner(stop)
 
     def _log_assignment(self) -> None:
         """Who runs what, as the group's last rebalance shared it out."""

@@ -3,12 +3,18 @@ produce (+ source offsets, one transaction on the embedded broker) → `committe
 
 Between poll and produce sits a small bounded queue, so reading overlaps writing while
 memory stays flat however long the input.
+
+On Kafka a task may read ahead (`read_ahead`) while its process waits for the group's
+first round to tell it which tasks it runs: polled batches are kept in memory, nothing is
+written, and `run` keeps them only if the task's stored offsets are still the ones they
+were read from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +37,12 @@ from runner.worker.common import (
 )
 
 
+# How much a task reads ahead, at most (Arrow bytes of the batches it keeps; a batch of
+# rows counts ROW_BYTES a record): a few seconds of parsing, the length of a group round.
+READ_AHEAD_BYTES = 96 * 2**20
+ROW_BYTES = 1024
+
+
 class SourceRunner:
     def __init__(
         self,
@@ -45,6 +57,7 @@ class SourceRunner:
         chain: Chain | None = None,
         routes: dict[str, Topic] | None = None,
         index: int = 0,
+        fresh_task: Callable[[], SourceTask] | None = None,
     ) -> None:
         self.name = name
         self.index = index  # the task's number among its source's tasks
@@ -61,6 +74,69 @@ class SourceRunner:
         self.produced = 0
         self.errored = 0
         self.partitions: set[str] = set()  # source partitions (files) it committed offsets for
+        # Reading ahead: a new task of the same source and number, for when what was read
+        # ahead is thrown away (a task is opened once); the reading; where it started.
+        self.fresh_task = fresh_task
+        self._ahead: asyncio.Task | None = None
+        self._ahead_from: dict[str, Any] | None = None
+        self._ahead_batches: list[Batch | None] = []
+        self._ahead_stop = asyncio.Event()
+
+    @property
+    def can_read_ahead(self) -> bool:
+        return self.fresh_task is not None and self.task.read_ahead
+
+    def read_ahead(self) -> None:
+        """Start reading the task's input before this process knows whether it runs the
+        task: open it at the stored offsets and poll into memory (up to READ_AHEAD_BYTES),
+        writing nothing. Then either `run` (which keeps what was read if the offsets are
+        unchanged) or `discard`."""
+        assert self.can_read_ahead and self._ahead is None
+        self._ahead = asyncio.create_task(self._read_ahead())
+
+    async def _read_ahead(self) -> None:
+        self._ahead_from = await self.writer.stored()
+        await self.task.open(self._ahead_from)
+        size = 0
+        while size < READ_AHEAD_BYTES and not self._ahead_stop.is_set():
+            # A poll is never cancelled here: the task polls on after this.
+            batch = await self.task.poll()
+            if batch is None or len(batch) or batch.errors or batch.source_offsets:
+                self._ahead_batches.append(batch)
+            if batch is None:
+                return
+            size += batch.columns.nbytes if batch.columnar else len(batch) * ROW_BYTES
+
+    async def _end_read_ahead(self) -> bool:
+        """Stop reading ahead; True if it went well (the task is open, its batches kept)."""
+        assert self._ahead is not None
+        self._ahead_stop.set()
+        await asyncio.wait([self._ahead])
+        return not self._ahead.cancelled() and self._ahead.exception() is None
+
+    async def discard(self) -> None:
+        """Throw away what was read ahead: the task runs elsewhere."""
+        if self._ahead is not None:
+            await self._end_read_ahead()
+        await self.task.close()
+
+    async def _kept_ahead(self, offsets: dict[str, Any]) -> list[Batch | None]:
+        """What was read ahead from `offsets` (the task is open there), or nothing (the
+        task opened afresh at `offsets`): the stored offsets moved meanwhile (another
+        process ran the task), or the reading failed (the fresh task meets it again)."""
+        if self._ahead is not None:
+            ok = await self._end_read_ahead()
+            self._ahead = None
+            if ok and offsets == self._ahead_from:
+                batches, self._ahead_batches = self._ahead_batches, []
+                log.info("%s: task %d read %s record(s) ahead while its process joined the group", self.name,
+                         self.index, f"{sum(len(b) + len(b.errors) for b in batches if b is not None):,}")
+                return batches
+            await self.task.close()
+            assert self.fresh_task is not None
+            self.task, self._ahead_batches = self.fresh_task(), []
+        await self.task.open(offsets)
+        return []
 
     async def run(self) -> None:
         async with errors_named(self.name, self.counters.target):
@@ -70,14 +146,22 @@ class SourceRunner:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(QUEUE_BATCHES)
         try:
             offsets = await retrying(self.writer.open, self.counters, f"{self.name}: read offsets")
-            await self.task.open(offsets)
+            ahead = await self._kept_ahead(offsets)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._poll(queue))
+                group.create_task(self._poll(queue, ahead))
                 group.create_task(self._produce(queue))
         finally:
             await self.task.close()
 
-    async def _poll(self, queue: asyncio.Queue[Batch | None]) -> None:
+    async def _poll(self, queue: asyncio.Queue[Batch | None], ahead: list[Batch | None]) -> None:
+        for batch in ahead:
+            if self.stop.is_set():  # (what is left is read again by the task's next run)
+                break
+            if batch is None:  # the input ended while reading ahead
+                await queue.put(None)
+                return
+            self.counters.records_in += len(batch) + len(batch.errors)
+            await queue.put(batch)
         while not self.stop.is_set():
             batch = await self._poll_once()
             self.counters.progress[self.index] = self.task.progress()
