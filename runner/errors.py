@@ -109,11 +109,20 @@ class Problem:
             loc += f":{self.line}"
         key = f" {self.path}:" if self.path else ""
         level = " warning:" if self.level == "warning" else ""
-        return f"{loc}:{key}{level} {self.message}"
+        return f"{loc}:{key}{level} {clip(self.message)}"
 
     def as_json(self) -> dict[str, Any]:
         return {"level": self.level, "file": self.file, "line": self.line, "path": self.path,
-                "message": self.message}
+                "message": clip(self.message)}
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """`text` at most about `limit` characters: a message that quotes a huge value (a
+    50 MB path) keeps its start and end and says how much was left out."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}…[{len(text) - 2 * keep:,} characters]…{text[-keep:]}"
 
 
 # What to do about a file-system error, by errno.

@@ -4,12 +4,17 @@ ruamel's round-trip loader knows the line of every node. Reading converts the tr
 plain dicts, lists and scalars, interpolating `${VAR}` in every string scalar (see
 `runner.spec.environment`), and records the line of every key path (`sources[0].config`)
 so that problems found later name their line.
+
+A spec is read with limits, so that a hostile or broken file is refused in well under a
+second and a few MB: its size, how deep it nests, how many values it expands to (aliases
+repeat what an anchor holds, and an "alias bomb" multiplies them) and a value's length.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +27,11 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 from runner.errors import Problem, SpecError
 from runner.spec.environment import interpolate
 from runner.spec.model import join
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few KB; 1 MiB leaves room for long inline schemas
+MAX_DEPTH = 100  # nesting levels (a spec needs about 8)
+MAX_VALUES = 100_000  # values after aliases are expanded
+MAX_VALUE_CHARS = 1 << 16  # one string value (an inline schema, a long SQL-ish condition)
 
 
 @dataclass
@@ -43,12 +53,20 @@ def read(path: str | os.PathLike[str], env: Mapping[str, str]) -> Document:
     file = os.fspath(path)
     abs_path = pathlib.Path(os.path.abspath(file))
     try:
-        text = abs_path.read_text(encoding="utf-8")
+        with abs_path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError([Problem(f"the spec is larger than {MAX_SPEC_BYTES:,} bytes, the most a spec may be "
+                                     "(is this the right file?)", file=file)])
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise SpecError([Problem(f"cannot read spec: {reason}", file=file)]) from None
     try:
-        tree = YAML(typ="rt").load(text)
+        tree = _load(text)
+    except RecursionError:
+        raise SpecError([Problem(f"the YAML nests more than about {MAX_DEPTH} levels deep, more than a spec may",
+                                 file=file)]) from None
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         msg = e.problem or "invalid YAML"
@@ -66,12 +84,60 @@ def read(path: str | os.PathLike[str], env: Mapping[str, str]) -> Document:
     return doc
 
 
+def _load(text: str) -> Any:
+    """ruamel's round-trip load, with the recursion it may use bounded: its parser
+    recurses a few frames per nesting level. Deep flow collections (`[[[…`) are refused
+    before it sees them: its scanner takes time quadratic in their depth (2 s for 1,000)."""
+    if _flow_depth(text) > MAX_DEPTH:
+        raise RecursionError
+    frames, frame = 0, sys._getframe()
+    while frame is not None:
+        frames, frame = frames + 1, frame.f_back
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames + 4 * MAX_DEPTH + 100)
+    try:
+        return YAML(typ="rt").load(text)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+_OPEN, _CLOSE = frozenset("[{"), frozenset("]}")
+
+
+def _flow_depth(text: str) -> int:
+    """How deep `[`/`{` nest in `text`, roughly: outside quotes and comments, by line (a
+    stray bracket in a plain value counts too, which only matters by the hundred)."""
+    depth = deepest = 0
+    for line in text.splitlines():
+        quote = None
+        for ch in line:
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in _OPEN:
+                depth += 1
+                deepest = max(deepest, depth)
+            elif ch in _CLOSE:
+                depth = max(0, depth - 1)
+    return deepest
+
+
 class _Plain:
     def __init__(self, doc: Document, env: Mapping[str, str]) -> None:
         self.doc = doc
         self.env = env
+        self.values = 0  # values visited, aliases expanded (see MAX_VALUES)
 
     def value(self, node: Any, path: str, line: int) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise SpecError([Problem(
+                f"the spec expands to more than {MAX_VALUES:,} values, more than a spec may: aliases (*name) "
+                "repeat what an anchor (&name) holds, and aliases of aliases multiply (an alias bomb?)",
+                file=self.doc.file, line=line)])
         if isinstance(node, CommentedMap):
             out: dict[Any, Any] = {}
             for k, v in node.items():
@@ -92,6 +158,12 @@ class _Plain:
                 items.append(self.value(v, child, item_line))
             return items
         if isinstance(node, str):
+            if len(node) > MAX_VALUE_CHARS:
+                self.doc.problems.append(Problem(
+                    f"a value of {len(node):,} characters; a value may have at most {MAX_VALUE_CHARS:,}",
+                    path=path, line=line))
+                self.doc.muted.add(path)
+                return ""
             result = interpolate(str(node), self.env)
             for message in result.problems:
                 self.doc.problems.append(Problem(message, path=path, line=line))
