@@ -4,6 +4,7 @@ traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -246,13 +247,18 @@ def _table(rows: list[tuple[str, ...]], err: bool = False) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: ok, warnings and problems.")
+@click.option("--strict", is_flag=True, help="Count warnings as problems (exit 2 on any).")
 @spec_argument
-def validate(as_json: bool, spec_path: str) -> None:
+def validate(as_json: bool, strict: bool, spec_path: str) -> None:
     """Check SPEC without running it: structure, schemas, connector names and configs,
     and whether what each source produces fits its topic's schema. Prints every problem
-    and warning with file:line; exits 2 if there are problems (warnings alone exit 0)."""
+    and warning with file:line; exits 2 if there are problems (warnings alone exit 0,
+    unless --strict). Warnings include a sink or state directory outside the spec's
+    directory, and a glob that matches no file."""
     try:
         spec = engine.check_spec(spec_path, _host())
+        if strict and spec.warnings:
+            raise SpecError([dataclasses.replace(w, level="error") for w in spec.warnings])
     except SpecError as exc:
         if as_json:
             click.echo(json.dumps({"spec": spec_path, "ok": False, "problems": [p.as_json() for p in exc.problems]},

@@ -107,6 +107,8 @@ def check_spec(path: str | os.PathLike, host: PluginHost | None = None) -> Spec:
     if not problems:  # connectors are built only from a sound spec
         for entry in spec.sources + spec.sinks:
             problems += _check_connector_built(spec, host, entry, chains[entry.key_path])
+    if "state_dir" in spec.lines:  # set in the spec (the default is under the spec's directory)
+        problems += _outside(spec, "state_dir", "the state directory is", spec.state_dir)
     located = [spec.problem(p.path, p.message, level=p.level) for p in problems]
     if any(p.level == "error" for p in located):
         raise SpecError(sorted(located, key=lambda p: (p.line is None, p.line or 0)))
@@ -183,6 +185,10 @@ def _check_connector_built(spec: Spec, host: PluginHost, entry: ConnectorSpec, c
         Problem(message, path=f"{entry.key_path}.config.{key}" if key else entry.key_path, level="warning")
         for key, message in connector.preflight()
     ]
+    target = connector.target() if entry.kind == "sink" else None
+    if target and "://" not in target:  # a local path (not a URL)
+        problems += _outside(spec, f"{entry.key_path}.config.path" if "path" in entry.config else entry.key_path,
+                             f"sink {entry.name!r} writes to", target)
     produced = connector.produces() if entry.kind == "source" else None
     if produced is None:
         return problems
@@ -208,6 +214,17 @@ def _check_connector_built(spec: Spec, host: PluginHost, entry: ConnectorSpec, c
                 "lacks: it will be dropped from every record (add it to the schema to keep it)",
                 path=f"{entry.key_path}.topic", level="warning"))
     return problems
+
+
+def _outside(spec: Spec, key_path: str, what: str, path: str | os.PathLike) -> list[Problem]:
+    """A warning when `path` lies outside the spec's directory: a `../..` or an absolute
+    path that leaves the project deserves a second look (`validate --strict` refuses it)."""
+    base = spec.path.parent.resolve()
+    where = pathlib.Path(os.path.abspath(path)).resolve()
+    if where == base or base in where.parents:
+        return []
+    return [Problem(f"{what} {str(where)!r}, outside the spec's directory {str(base)!r}", path=key_path,
+                    level="warning")]
 
 
 def load_for_inspection(path: str | os.PathLike) -> Spec:
