@@ -22,6 +22,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from runner.errors import Problem, SpecError
@@ -77,6 +78,14 @@ def read(path: str | os.PathLike[str], env: Mapping[str, str]) -> Document:
         if line is not None and "${" in "".join(text.splitlines()[line - 1 : line]):
             msg += '; inside {...} or [...] quote ${...} expressions, e.g. "${VAR}"'
         raise SpecError([Problem(f"invalid YAML: {msg}", file=file, line=line)]) from None
+    except TypeError:  # ruamel building a mapping whose key is a mapping or list (`? {a: 1}`)
+        raise SpecError([Problem("invalid YAML: a key that is itself a mapping or a list (`? ...`); spec keys "
+                                 "are names", file=file)]) from None
+    except ReaderError as e:  # a character YAML does not allow (a control character)
+        line = text.count("\n", 0, e.position) + 1
+        raise SpecError([Problem(f"invalid YAML: character {e.character:#06x} is not allowed in YAML "
+                                 f"(column {e.position - text.rfind(chr(10), 0, e.position)})",
+                                 file=file, line=line)]) from None
     doc = Document(file, abs_path, None)
     root_line = tree.lc.line + 1 if isinstance(tree, (CommentedMap, CommentedSeq)) else 1
     doc.lines[""] = root_line
